@@ -1,0 +1,403 @@
+"""Data sources -> tensors: IDX (MNIST family), CIFAR pickles, scikit-learn digits, synthetic data.
+
+Every loader returns an :class:`Arrays` of uint8 (or float) images and int64 labels. Nothing here knows about
+tasks; :mod:`retain.scenarios` cuts the arrays into a stream. Files are searched in a fixed order
+(``--data-dir``, ``$RETAIN_DATA``, ``~/.cache/retain``, well-known system folders), validated strictly (a
+corrupt or truncated file is an error naming the file, never a silently partial dataset), and downloaded only
+when asked, with checksum verification and an atomic rename.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+import tarfile
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from retain.errors import DataError
+
+
+@dataclass
+class Arrays:
+    """A dataset as tensors: images ``[N, C, H, W]`` (uint8 unless ``float``), labels ``[N]`` int64."""
+
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    n_classes: int
+    mean: tuple[float, ...] = (0.0,)  # per-channel normalisation applied per batch after scaling to [0, 1]
+    std: tuple[float, ...] = (1.0,)
+    source: str = ""  # where the files were found (for `retain benchmarks` and the result record)
+
+
+# ---------------------------------------------------------------------------------------------------- IDX files
+
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
+
+
+def read_idx(path: str | os.PathLike) -> Tensor:
+    """Read one IDX file (gzip or raw) as a uint8 tensor; validate its magic number, header and size."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory, expected an IDX file; point --data-dir at the folder holding it")
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except PermissionError:
+        raise DataError(f"{path}: permission denied; make the file readable (chmod +r)") from None
+    except (OSError, EOFError) as e:  # truncated gzip stream, bad CRC, not a gzip file
+        raise DataError(f"{path}: cannot be read ({e}); delete it and download it again") from None
+    if len(raw) < 8:
+        raise DataError(f"{path}: truncated IDX file ({len(raw)} bytes); delete it and download it again")
+    magic = int.from_bytes(raw[:4], "big")
+    if magic not in (IMAGES_MAGIC, LABELS_MAGIC):
+        raise DataError(
+            f"{path}: wrong magic number {magic} (expected {IMAGES_MAGIC} for images or {LABELS_MAGIC} for "
+            "labels); this is not an IDX file"
+        )
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated IDX header; delete it and download it again")
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    expected = header + int(np.prod(dims))
+    if len(raw) != expected:
+        kind = "truncated" if len(raw) < expected else "has trailing bytes"
+        raise DataError(
+            f"{path}: {kind} (header says {dims}, {expected} bytes; file has {len(raw)}); "
+            "delete it and download it again"
+        )
+    arr = np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+    return torch.from_numpy(arr.copy())
+
+
+def _find_idx_file(folder: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem, stem.replace("-idx", ".idx")):  # the last: LeCun's original spelling
+        p = folder / name
+        if p.exists():
+            return p
+    return None
+
+
+def load_idx_folder(folder: str | os.PathLike, name: str, n_classes: int = 10) -> Arrays:
+    """Load the four IDX files of an MNIST-like dataset from one folder; check they agree with each other."""
+    folder = Path(folder)
+    paths = {}
+    for key, stem in IDX_FILES.items():
+        p = _find_idx_file(folder, stem)
+        if p is None:
+            raise DataError(f"{folder}: missing {stem}[.gz] for {name}; put all four IDX files there or use --download")
+        paths[key] = p
+    t = {k: read_idx(p) for k, p in paths.items()}
+    for split in ("train", "test"):
+        xi, yi = t[f"{split}_images"], t[f"{split}_labels"]
+        if xi.dim() != 3:
+            raise DataError(f"{paths[f'{split}_images']}: expected a 3-d image file, got shape {list(xi.shape)}")
+        if yi.dim() != 1:
+            raise DataError(f"{paths[f'{split}_labels']}: expected a 1-d label file, got shape {list(yi.shape)}")
+        if len(xi) != len(yi):
+            raise DataError(
+                f"{paths[f'{split}_labels']}: {len(yi)} labels for {len(xi)} images in "
+                f"{paths[f'{split}_images'].name}; the files do not belong together"
+            )
+        if len(yi) and int(yi.max()) >= n_classes:
+            raise DataError(
+                f"{paths[f'{split}_labels']}: label {int(yi.max())} out of range 0..{n_classes - 1} for {name}"
+            )
+    return Arrays(
+        name=name,
+        x_train=t["train_images"].unsqueeze(1),
+        y_train=t["train_labels"].long(),
+        x_test=t["test_images"].unsqueeze(1),
+        y_test=t["test_labels"].long(),
+        n_classes=n_classes,
+        source=str(folder),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ CIFAR pickles
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing; put the CIFAR python batches there or use --download") from None
+    except PermissionError:
+        raise DataError(f"{path}: permission denied; make the file readable (chmod +r)") from None
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
+        raise DataError(f"{path}: not a readable CIFAR pickle ({type(e).__name__}); download it again") from None
+
+
+def _cifar_arrays(path: Path, d: dict, label_key: str, n_classes: int) -> tuple[Tensor, Tensor]:
+    try:
+        x = np.asarray(d["data"], dtype=np.uint8)
+        y = np.asarray(d[label_key], dtype=np.int64)
+    except KeyError as e:
+        raise DataError(f"{path}: CIFAR pickle without key {e}; download it again") from None
+    if x.ndim != 2 or x.shape[1] != 3072:
+        raise DataError(f"{path}: expected rows of 3072 bytes, got shape {list(x.shape)}")
+    if len(x) != len(y):
+        raise DataError(f"{path}: {len(y)} labels for {len(x)} images")
+    if len(y) and (y.min() < 0 or y.max() >= n_classes):
+        raise DataError(f"{path}: label out of range 0..{n_classes - 1}")
+    return torch.from_numpy(x.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(y)
+
+
+def load_cifar_folder(folder: str | os.PathLike, n_classes: int) -> Arrays:
+    """Load CIFAR-10 (``cifar-10-batches-py``) or CIFAR-100 (``cifar-100-python``) python pickles."""
+    folder = Path(folder)
+    if n_classes == 10:
+        train_files = [folder / f"data_batch_{i}" for i in range(1, 6)]
+        test_files, key = [folder / "test_batch"], "labels"
+        mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    else:
+        train_files, test_files, key = [folder / "train"], [folder / "test"], "fine_labels"
+        mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+    parts = {}
+    for split, files in (("train", train_files), ("test", test_files)):
+        xs, ys = zip(*(_cifar_arrays(p, _unpickle(p), key, n_classes) for p in files))
+        parts[split] = (torch.cat(xs), torch.cat(ys))
+    return Arrays(f"cifar{n_classes}", *parts["train"], *parts["test"], n_classes, mean, std, str(folder))
+
+
+# ----------------------------------------------------------------------------------- scikit-learn digits, synthetic
+
+def load_digits(test_fraction: float = 0.3, seed: int = 0) -> Arrays:
+    """scikit-learn's bundled 8x8 digits (1,797 images, always offline), split per class into train and test.
+
+    Pixel values 0..16 are scaled to 0..255 so that every image dataset is uint8 in [0, 255].
+    """
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    x = torch.from_numpy(np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
+    y = torch.from_numpy(d.target.astype(np.int64))
+    g = torch.Generator().manual_seed(seed)
+    test = torch.zeros(len(y), dtype=torch.bool)
+    for c in range(10):  # stratified: the same share of every class in the test set
+        idx = (y == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        test[idx[: round(len(idx) * test_fraction)]] = True
+    return Arrays("digits", x[~test], y[~test], x[test], y[test], 10, source="scikit-learn (bundled)")
+
+
+def make_synthetic(
+    n_classes: int = 4, n_train: int = 64, n_test: int = 32, dim: int = 8, seed: int = 0, spread: float = 3.0
+) -> Arrays:
+    """Gaussian blobs, one per class, as float features ``[N, dim]``: tiny, separable data for contract tests."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_classes, dim, generator=g) * spread
+
+    def draw(n: int) -> tuple[Tensor, Tensor]:
+        y = torch.arange(n_classes).repeat_interleave(n)
+        return centres[y] + torch.randn(len(y), dim, generator=g), y
+
+    return Arrays("synthetic", *draw(n_train), *draw(n_test), n_classes, source="generated")
+
+
+# ---------------------------------------------------------------------------------------- locating and fetching
+
+@dataclass(frozen=True)
+class Source:
+    """Where a named dataset's files live and how to fetch them."""
+
+    name: str
+    kind: str  # "idx" | "cifar10" | "cifar100" | "digits"
+    folder_names: tuple[str, ...] = ()  # sub-folders tried under each root (torchvision layout first)
+    system_dirs: tuple[str, ...] = ()
+    mirrors: tuple[str, ...] = ()
+    files: tuple[tuple[str, str], ...] = ()  # (file name, md5)
+
+
+SOURCES = {
+    "mnist": Source(
+        "mnist", "idx", ("MNIST/raw", "mnist", "MNIST"), (),
+        ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
+        (
+            ("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+            ("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432"),
+            ("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
+            ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c"),
+        ),
+    ),
+    "fashion-mnist": Source(
+        "fashion-mnist", "idx", ("FashionMNIST/raw", "fashion-mnist", "FashionMNIST"),
+        ("/usr/share/datasets/fashion-mnist",),
+        ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        (
+            ("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+            ("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe"),
+            ("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
+            ("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12e480ee83cd310"),
+        ),
+    ),
+    "kmnist": Source(
+        "kmnist", "idx", ("KMNIST/raw", "kmnist", "KMNIST"), (),
+        ("http://codh.rois.ac.jp/kmnist/dataset/kmnist/",),
+        (
+            ("train-images-idx3-ubyte.gz", "bdb82020997e1d708af4cf47b453dcf7"),
+            ("train-labels-idx1-ubyte.gz", "e144d726b3acfaa3e44228e80efcd344"),
+            ("t10k-images-idx3-ubyte.gz", "5c965bf0a639b31b8f53240b1b52f4d7"),
+            ("t10k-labels-idx1-ubyte.gz", "7320c461ea6c1c855c0b718fb2a4b134"),
+        ),
+    ),
+    "cifar10": Source(
+        "cifar10", "cifar10", ("cifar-10-batches-py", "CIFAR10/cifar-10-batches-py"), (),
+        ("https://www.cs.toronto.edu/~kriz/",), (("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),),
+    ),
+    "cifar100": Source(
+        "cifar100", "cifar100", ("cifar-100-python", "CIFAR100/cifar-100-python"), (),
+        ("https://www.cs.toronto.edu/~kriz/",), (("cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),),
+    ),
+    "digits": Source("digits", "digits"),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "retain"
+
+
+def search_roots(data_dir: str | os.PathLike | None) -> list[Path]:
+    """The roots searched, in order: ``--data-dir``, ``$RETAIN_DATA``, the user cache."""
+    roots = [Path(data_dir)] if data_dir else []
+    if os.environ.get("RETAIN_DATA"):
+        roots.append(Path(os.environ["RETAIN_DATA"]))
+    roots.append(cache_dir())
+    return roots
+
+
+def _complete(folder: Path, src: Source) -> bool:
+    if src.kind == "idx":
+        return all(_find_idx_file(folder, stem) for stem in IDX_FILES.values())
+    marker = "data_batch_1" if src.kind == "cifar10" else "train"
+    return (folder / marker).is_file()
+
+
+def candidate_folders(src: Source, data_dir: str | os.PathLike | None) -> list[Path]:
+    """Every folder where ``src``'s files may be, in search order (flat layout first under each root)."""
+    out = []
+    for root in search_roots(data_dir):
+        out.append(root)
+        out.extend(root / sub for sub in src.folder_names)
+    out.extend(Path(d) for d in src.system_dirs)
+    return out
+
+
+def locate(name: str, data_dir: str | os.PathLike | None = None) -> Path | None:
+    """The first folder holding a complete copy of dataset ``name``, or None."""
+    src = SOURCES[name]
+    if src.kind == "digits":
+        return Path("scikit-learn")
+    if data_dir is not None and not Path(data_dir).exists():
+        raise DataError(f"--data-dir {data_dir} does not exist; create it or point it at the folder with the data")
+    for folder in candidate_folders(src, data_dir):
+        if folder.is_dir() and _complete(folder, src):
+            return folder
+    # An explicitly given folder with some but not all files is a mistake worth naming precisely.
+    if data_dir is not None and src.kind == "idx":
+        for folder in [Path(data_dir), *(Path(data_dir) / s for s in src.folder_names)]:
+            present = [s for s in IDX_FILES.values() if folder.is_dir() and _find_idx_file(folder, s)]
+            if present:
+                missing = [s for s in IDX_FILES.values() if s not in present]
+                raise DataError(f"{folder}: has {name} files but is missing {', '.join(missing)}[.gz]")
+    return None
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch(url: str, dest: Path, md5: str, timeout: float = 30.0) -> None:
+    """Download ``url`` to ``dest`` through a temporary file in the same folder; verify md5, then rename."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as r:
+            for chunk in iter(lambda: r.read(1 << 20), b""):
+                out.write(chunk)
+        got = _md5(Path(tmp))
+        if got != md5:
+            raise DataError(f"{url}: checksum mismatch (md5 {got}, expected {md5}); nothing was written")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def download(name: str, root: str | os.PathLike | None = None) -> Path:
+    """Fetch dataset ``name`` into ``root`` (default: the user cache) from its mirrors; return its folder."""
+    src = SOURCES[name]
+    if not src.files:
+        raise DataError(f"{name} ships with its package and needs no download")
+    root = Path(root) if root else cache_dir()
+    target = root / src.folder_names[0] if src.kind == "idx" else root
+    for fname, md5 in src.files:
+        dest = target / fname
+        if dest.exists() and _md5(dest) == md5:
+            continue
+        errors = []
+        for mirror in src.mirrors:
+            try:
+                fetch(mirror + fname, dest, md5)
+                break
+            except DataError as e:
+                errors.append(str(e))
+            except OSError as e:
+                errors.append(f"{mirror}{fname}: {getattr(e, 'reason', e)}")
+        else:
+            raise DataError(
+                f"could not download {fname} for {name} ({'; '.join(errors)}); copy the files into "
+                f"{target} by hand"
+            )
+    if src.kind != "idx":
+        archive = target / src.files[0][0]
+        with tarfile.open(archive) as tar:
+            tar.extractall(target, filter="data")
+        target = target / src.folder_names[0]
+    return target
+
+
+def load(name: str, data_dir: str | os.PathLike | None = None, download_missing: bool = False) -> Arrays:
+    """Load dataset ``name`` (a key of :data:`SOURCES`), searching the usual places; download if allowed."""
+    if name not in SOURCES:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(SOURCES)}")
+    src = SOURCES[name]
+    if src.kind == "digits":
+        return load_digits()
+    folder = locate(name, data_dir)
+    if folder is None:
+        if not download_missing:
+            looked = ", ".join(str(p) for p in candidate_folders(src, data_dir))
+            raise DataError(
+                f"{name} not found (looked in {looked}); pass --data-dir DIR with the files, set RETAIN_DATA, "
+                "or add --download"
+            )
+        folder = download(name, data_dir)
+    if src.kind == "idx":
+        arrays = load_idx_folder(folder, name)
+        arrays.source = str(folder)
+        return arrays
+    return load_cifar_folder(folder, 10 if src.kind == "cifar10" else 100)

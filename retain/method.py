@@ -1,0 +1,388 @@
+"""The method interface: a few hooks, each returning a value; the base class is fine-tuning.
+
+A method is a ``@dataclass`` subclass of :class:`Method` whose fields are its hyper-parameters (each with a
+one-line ``help`` in its metadata and the paper's name), registered by name with :func:`register`. It overrides
+only the hooks it needs; the trainer (:mod:`retain.trainer`) owns the loop and the optimizer step.
+
+=====================================  =====================================================================
+hook                                   contract
+=====================================  =====================================================================
+``begin_task(ctx)``                    before a task; may change structure (the optimizer is rebuilt after it)
+``task_data(ctx, data) -> data``       what to iterate for this task (joint returns everything seen)
+``augment(ctx, batch) -> batch``       extra rows for the step (replayed / generated), ``new`` = False
+``penalty(ctx, batch, out) -> T|None`` an extra loss term; ``out`` is the raw, unmasked output
+``before_update(ctx)``                 after backward, before the step: may rewrite ``p.grad``
+``after_update(ctx, batch, out)``      after the step: bookkeeping (path integrals, buffer insertion, ...)
+``end_task(ctx)``                      after a task, before evaluation: consolidation, memory selection
+``forward(ctx, x, t) -> Tensor``       raw outputs, in training and evaluation alike; accepts unseen tasks
+``observe(ctx, batch) -> Tensor``      the whole step; override only when the step itself differs (MER, OML)
+=====================================  =====================================================================
+
+Class attributes: ``modes`` (the scenario modes supported), ``needs_boundaries`` (True if the method cannot run
+on a task-free stream), ``presets`` (tuned hyper-parameters per ``"benchmark/mode"``, applied by default).
+A misspelled hook (``end_tsak``) is an error at class creation, not a silently ignored method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+import typing
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from retain.errors import ConfigError
+from retain.scenarios import MODES, Batch, TaskData
+
+HOOKS = ("begin_task", "task_data", "augment", "penalty", "before_update", "after_update", "end_task",
+         "forward", "observe")
+_HOOK_PREFIXES = ("begin_", "end_", "before_", "after_", "on_")
+
+
+def param(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - "help" reads best at the call site
+    """A hyper-parameter field: ``lambda_: float = param(1.0, "penalty strength (λ in the paper)")``."""
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+@dataclasses.dataclass
+class Method:
+    """Fine-tuning: train on each task in turn with nothing to protect earlier ones (the lower bound)."""
+
+    name: ClassVar[str] = "finetune"
+    modes: ClassVar[tuple[str, ...]] = MODES
+    needs_boundaries: ClassVar[bool] = False
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        for attr in vars(cls):
+            if attr.startswith(_HOOK_PREFIXES) and attr not in HOOKS:
+                raise TypeError(f"{cls.__name__}.{attr} looks like a hook but is not one; hooks are {HOOKS}")
+        bad = set(cls.modes) - set(MODES) if isinstance(cls.modes, tuple) else set()
+        if bad:
+            raise TypeError(f"{cls.__name__}.modes has unknown modes {sorted(bad)}")
+
+    # ------------------------------------------------------------------------------------------------ hooks
+    def begin_task(self, ctx: Any) -> None:
+        pass
+
+    def task_data(self, ctx: Any, data: TaskData) -> TaskData:
+        return data
+
+    def augment(self, ctx: Any, batch: Batch) -> Batch:
+        return batch
+
+    def penalty(self, ctx: Any, batch: Batch, out: Tensor) -> Tensor | None:
+        return None
+
+    def before_update(self, ctx: Any) -> None:
+        pass
+
+    def after_update(self, ctx: Any, batch: Batch, out: Tensor) -> None:
+        pass
+
+    def end_task(self, ctx: Any) -> None:
+        pass
+
+    def forward(self, ctx: Any, x: Tensor, t: Tensor) -> Tensor:
+        return ctx.model(x)
+
+    def observe(self, ctx: Any, batch: Batch) -> Tensor:
+        """One step: augment -> forward -> masked loss + penalty -> backward -> before_update -> step -> after."""
+        batch = self.augment(ctx, batch)
+        out = self.forward(ctx, batch.x, batch.t)
+        loss = ctx.loss(out, batch)
+        extra = self.penalty(ctx, batch, out)
+        if extra is not None:
+            loss = loss + extra
+        ctx.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.before_update(ctx)
+        ctx.optimizer.step()
+        self.after_update(ctx, batch, out)
+        return loss.detach()
+
+    # ----------------------------------------------------------------------------------------- parameters
+    def params(self) -> dict[str, Any]:
+        """The hyper-parameters by their public names (``lambda_`` -> ``lambda``)."""
+        return {public_name(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """What the optimizer trains (a method that adds modules of its own, e.g. a generator, extends this)."""
+        return [p for p in model.parameters() if p.requires_grad]
+
+    # --------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the hyper-parameters: Fisher, Ω, buffers, masks... (saved with checkpoints)."""
+        fields = {f.name for f in dataclasses.fields(self)}
+        return {k: v for k, v in vars(self).items() if k not in fields}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+
+
+def public_name(field_name: str) -> str:
+    return field_name.rstrip("_")
+
+
+# --------------------------------------------------------------------------------------------------- Compose
+
+def _owner(methods: tuple[Method, ...], hook: str) -> Method | None:
+    owners = [m for m in methods if getattr(type(m), hook) is not getattr(Method, hook)]
+    if len(owners) > 1:
+        names = ", ".join(type(m).__name__ for m in owners)
+        raise ConfigError(f"cannot compose {names}: more than one overrides {hook}()")
+    return owners[0] if owners else None
+
+
+class Compose(Method):
+    """Several methods as one: events run in order, data hooks fold, penalties sum; at most one owner of
+    ``forward`` and one of ``observe``.
+
+    ``Compose(ER(), EWC())`` at run time, or a registered hybrid with its parts' hyper-parameters::
+
+        @register("ewc_er")
+        class EWCER(Compose):
+            parts = (ER, EWC)
+    """
+
+    parts: ClassVar[tuple[type[Method], ...]] = ()
+
+    def __init__(self, *methods: Method, **params: Any):
+        if methods and params:
+            raise TypeError("give Compose either method instances or hyper-parameters of its parts, not both")
+        if not methods:
+            methods = tuple(cls(**{_field_name(cls, k): v for k, v in params.items() if k in _field_names(cls)})
+                            for cls in self.parts)
+            unknown = set(params) - {k for cls in self.parts for k in _field_names(cls)}
+            if unknown:
+                raise TypeError(f"unknown parameters {sorted(unknown)}")
+        self.methods = tuple(methods)
+        self._forward = _owner(self.methods, "forward")
+        self._observe = _owner(self.methods, "observe")
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if cls.parts:
+            seen: dict[str, str] = {}
+            for part in cls.parts:
+                for f in _field_names(part):
+                    if f in seen:
+                        raise TypeError(f"{cls.__name__}: {part.__name__} and {seen[f]} both define {f!r}")
+                    seen[f] = part.__name__
+            cls.modes = tuple(m for m in MODES if all(m in p.modes for p in cls.parts))
+            cls.needs_boundaries = any(p.needs_boundaries for p in cls.parts)
+
+    @property
+    def modes(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(m for m in MODES if all(m in x.modes for x in self.methods))
+
+    @property
+    def needs_boundaries(self) -> bool:  # type: ignore[override]
+        return any(x.needs_boundaries for x in self.methods)
+
+    def begin_task(self, ctx: Any) -> None:
+        for m in self.methods:
+            m.begin_task(ctx)
+
+    def task_data(self, ctx: Any, data: TaskData) -> TaskData:
+        for m in self.methods:
+            data = m.task_data(ctx, data)
+        return data
+
+    def augment(self, ctx: Any, batch: Batch) -> Batch:
+        for m in self.methods:
+            batch = m.augment(ctx, batch)
+        return batch
+
+    def penalty(self, ctx: Any, batch: Batch, out: Tensor) -> Tensor | None:
+        terms = [p for m in self.methods if (p := m.penalty(ctx, batch, out)) is not None]
+        return sum(terms[1:], terms[0]) if terms else None
+
+    def before_update(self, ctx: Any) -> None:
+        for m in self.methods:
+            m.before_update(ctx)
+
+    def after_update(self, ctx: Any, batch: Batch, out: Tensor) -> None:
+        for m in self.methods:
+            m.after_update(ctx, batch, out)
+
+    def end_task(self, ctx: Any) -> None:
+        for m in self.methods:
+            m.end_task(ctx)
+
+    def forward(self, ctx: Any, x: Tensor, t: Tensor) -> Tensor:
+        return self._forward.forward(ctx, x, t) if self._forward else ctx.model(x)
+
+    def observe(self, ctx: Any, batch: Batch) -> Tensor:
+        return self._observe.observe(ctx, batch) if self._observe else super().observe(ctx, batch)
+
+    def params(self) -> dict[str, Any]:
+        return {k: v for m in self.methods for k, v in m.params().items()}
+
+    def parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        seen, out = set(), []
+        for m in self.methods:
+            for p in m.parameters(model):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"parts": [m.state_dict() for m in self.methods]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for m, s in zip(self.methods, state["parts"]):
+            m.load_state_dict(s)
+
+
+# -------------------------------------------------------------------------------------------------- registry
+
+REGISTRY: dict[str, type[Method]] = {"finetune": Method}
+
+
+def register(name: str):
+    """Class decorator: make a method available as ``retain run --method NAME``."""
+
+    def wrap(cls: type[Method]) -> type[Method]:
+        if name in REGISTRY and REGISTRY[name] is not cls:
+            raise TypeError(f"method name {name!r} is already registered to {REGISTRY[name].__name__}")
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+_loaded = False
+
+
+def methods() -> dict[str, type[Method]]:
+    """Every registered method (importing each module of :mod:`retain.methods` once)."""
+    global _loaded
+    if not _loaded:
+        import retain.methods as pkg
+
+        for info in pkgutil.iter_modules(pkg.__path__):
+            importlib.import_module(f"retain.methods.{info.name}")
+        _loaded = True
+    return dict(sorted(REGISTRY.items()))
+
+
+def _field_names(cls: type[Method]) -> list[str]:
+    if issubclass(cls, Compose):
+        return [f for p in cls.parts for f in _field_names(p)]
+    return [public_name(f.name) for f in dataclasses.fields(cls)]
+
+
+def hyperparameters(cls: type[Method]) -> list[tuple[str, type, Any, str]]:
+    """``(public name, type, default, help)`` of each hyper-parameter of a method class."""
+    if issubclass(cls, Compose):
+        return [h for p in cls.parts for h in hyperparameters(p)]
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        out.append((public_name(f.name), hints[f.name], default, f.metadata.get("help", "")))
+    return out
+
+
+def _coerce(method: str, name: str, typ: Any, value: Any, choices: Any) -> Any:
+    origin = typing.get_origin(typ)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        typ = args[0]
+    if typing.get_origin(typ) is typing.Literal:
+        choices = typing.get_args(typ)
+        typ = type(choices[0])
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                out = value
+            elif str(value).lower() in ("true", "1", "yes", "on"):
+                out = True
+            elif str(value).lower() in ("false", "0", "no", "off"):
+                out = False
+            else:
+                raise ValueError
+        elif typ is int:
+            number = float(value) if isinstance(value, str) else value
+            if isinstance(value, bool) or (isinstance(number, float) and not number.is_integer()):
+                raise ValueError
+            out = int(number)
+        elif typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
+        elif typ is str:
+            out = str(value)
+        else:
+            out = value
+    except (TypeError, ValueError):
+        tname = getattr(typ, "__name__", str(typ))
+        raise ConfigError(f"{method}: parameter {name} must be {tname}, got {value!r}") from None
+    if typ is float and out != out:
+        raise ConfigError(f"{method}: parameter {name} must be a number, got NaN")
+    if choices and out not in choices:
+        raise ConfigError(f"{method}: parameter {name} must be one of {', '.join(map(str, choices))}, got {out!r}")
+    return out
+
+
+def create(name: str, params: dict[str, Any] | None = None, preset: str | None = None) -> Method:
+    """Instantiate method ``name`` with ``params`` (strings are converted to the field types).
+
+    ``preset`` (``"benchmark/mode"``) applies the method's tuned values first; explicit ``params`` win.
+    Unknown names, unknown parameters and wrong types raise :class:`ConfigError` listing the valid choices.
+    """
+    registry = methods()
+    if name not in registry:
+        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(registry)}")
+    cls = registry[name]
+    spec = {h[0]: h for h in hyperparameters(cls)}
+    values = dict(cls.presets.get(preset, {})) if preset else {}
+    values.update(params or {})
+    kwargs = {}
+    for key, value in values.items():
+        if key not in spec:
+            valid = ", ".join(spec) or "none"
+            raise ConfigError(f"{name}: unknown parameter {key!r}; valid parameters: {valid}")
+        _, typ, _, _ = spec[key]
+        choices = _choices(cls, key)
+        kwargs[_field_name(cls, key)] = _coerce(name, key, typ, value, choices)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{name}: {e}") from None
+
+
+def _choices(cls: type[Method], key: str) -> Any:
+    classes = cls.parts if issubclass(cls, Compose) else (cls,)
+    for c in classes:
+        if issubclass(c, Compose):
+            got = _choices(c, key)
+            if got:
+                return got
+            continue
+        for f in dataclasses.fields(c):
+            if public_name(f.name) == key:
+                return f.metadata.get("choices")
+    return None
+
+
+def _field_name(cls: type[Method], key: str) -> str:
+    if issubclass(cls, Compose):
+        return key  # Compose distributes by public name; parts translate below
+    for f in dataclasses.fields(cls):
+        if public_name(f.name) == key:
+            return f.name
+    return key

@@ -1,0 +1,304 @@
+"""The training loop, the context methods see, and the evaluator that fills the full accuracy matrix.
+
+For each task: ``begin_task`` -> (re)build the optimizer -> ``task_data`` -> batches -> ``observe`` ->
+``end_task`` -> evaluate every task's test set (unseen ones too). Before the first task the freshly initialised
+model is evaluated once: the baseline ``b`` that forward transfer needs. A task-free run feeds one stream of
+batches with no boundary calls and evaluates whenever a task's data has fully passed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from retain.errors import ConfigError, RetainError
+from retain.method import Method
+from retain.scenarios import Batch, Scenario, TaskData
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+class TrainingError(RetainError):
+    """The run diverged (NaN / Inf loss); carries the task and step. CLI exit code 1."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, task: int, step: int):
+        super().__init__(message)
+        self.task, self.step = task, step
+
+
+@dataclass
+class TrainConfig:
+    """How each task is trained. ``iterations`` (steps per task), when set, replaces ``epochs``."""
+
+    epochs: int = 1
+    iterations: int | None = None
+    batch_size: int = 128
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.0  # SGD only
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam only
+    eval_batch_size: int = 1000
+    seed: int = 0
+    device: str = "auto"
+    task_free: bool = False  # one stream, no task boundaries given to the method
+    blurry: float = 0.0  # task-free only: width of the blurred transitions (see Scenario.stream)
+    evaluate_val: bool = False  # also fill the accuracy matrix on the validation split (for model selection)
+
+    def validate(self) -> None:
+        if self.epochs < 1 and self.iterations is None:
+            raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
+        if self.iterations is not None and self.iterations < 1:
+            raise ConfigError(f"iterations must be at least 1, got {self.iterations}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.eval_batch_size < 1:
+            raise ConfigError(f"eval batch size must be at least 1, got {self.eval_batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"learning rate must be a positive number, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.momentum < 0 or self.weight_decay < 0:
+            raise ConfigError("momentum and weight decay must be >= 0")
+        if not 0.0 <= self.blurry < 1.0:
+            raise ConfigError(f"blurry must be in [0, 1), got {self.blurry}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for but no CUDA device is available; use --device cpu")
+    return dev
+
+
+def masked(out: Tensor, mask: Tensor | None) -> Tensor:
+    """Logits with inactive outputs at -inf (so they get no probability and no gradient)."""
+    return out if mask is None else out.masked_fill(~mask, float("-inf"))
+
+
+@dataclass
+class Context:
+    """What a method sees: the model, the optimizer, the training view of the scenario, the current task."""
+
+    model: nn.Module
+    scenario: Scenario  # training view: no test set
+    config: TrainConfig
+    method: Method
+    device: torch.device
+    rng: torch.Generator  # the methods' own randomness (buffer sampling, Fisher labels...), CPU
+    seen: Tensor  # bool [n_outputs]: outputs of the classes trained so far (class-IL training mask)
+    task: int = 0
+    step: int = 0  # global step count
+    optimizer: torch.optim.Optimizer | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        """The method's forward (PNN and PackNet route by task); the one interface for training and evaluation."""
+        return self.method.forward(self, x, t)
+
+    def mask(self, t: Tensor | int) -> Tensor | None:
+        """The training mask for rows of task(s) ``t``."""
+        return self.scenario.mask(t, self.seen)
+
+    def loss(self, out: Tensor, batch: Batch, reduction: str = "mean") -> Tensor:
+        """Mode-aware cross-entropy: logits masked as the scenario says (the same mask evaluation uses)."""
+        logits = masked(out, self.mask(batch.t if batch.task is None else batch.task))
+        return F.cross_entropy(logits, batch.y, reduction=reduction)
+
+    def make_optimizer(self, params: list[nn.Parameter] | None = None, lr: float | None = None
+                       ) -> torch.optim.Optimizer:
+        c = self.config
+        params = self.method.parameters(self.model) if params is None else params
+        lr = c.lr if lr is None else lr
+        if c.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        return torch.optim.Adam(params, lr=lr, betas=c.betas, weight_decay=c.weight_decay)
+
+    def batches(self, data: TaskData, epochs: int | None = None, iterations: int | None = None,
+                batch_size: int | None = None, seed: int | None = None) -> Iterator[Batch]:
+        """Shuffled batches of ``data``: ``epochs`` passes, or exactly ``iterations`` steps (cycling passes).
+
+        The order of pass ``e`` comes from a generator seeded with ``(seed, e)``, so it can be regenerated.
+        """
+        bs = batch_size or self.config.batch_size
+        n = len(data)
+        if n == 0:
+            return
+        if iterations is None and epochs is None:
+            epochs, iterations = self.config.epochs, self.config.iterations
+        single = int(data.t[0]) if bool((data.t == data.t[0]).all()) else None
+        base = self.config.seed * 1_000_003 + self.task * 7919 if seed is None else seed
+        steps, epoch = 0, 0
+        while True:
+            if iterations is None and epoch >= epochs:
+                return
+            g = torch.Generator().manual_seed(base + epoch)
+            perm = torch.randperm(n, generator=g).to(data.idx.device)
+            for start in range(0, n, bs):
+                if iterations is not None and steps >= iterations:
+                    return
+                sel = perm[start:start + bs]
+                yield self.scenario.batch(data.idx[sel], single if single is not None else data.t[sel])
+                steps += 1
+            epoch += 1
+
+    def fit(self, data: TaskData, epochs: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Extra training on ``data`` with the method's own step (PackNet's retraining after pruning)."""
+        if optimizer is not None:
+            self.optimizer = optimizer
+        for batch in self.batches(data, epochs=epochs, seed=self.config.seed * 31 + self.task + 10_000):
+            self.method.observe(self, batch)
+
+    def warn(self, message: str) -> None:
+        """A warning shown once and stored in the result."""
+        if message not in self.warnings:
+            self.warnings.append(message)
+
+
+@torch.no_grad()
+def evaluate(ctx: Context, scenario: Scenario, split: str = "test") -> list[float]:
+    """Accuracy on every task's ``split`` set (evaluation mask: task-IL its head, class-IL all classes)."""
+    was_training = ctx.model.training
+    ctx.model.eval()
+    accs = []
+    bs = ctx.config.eval_batch_size
+    for j in range(scenario.n_tasks):
+        idx = getattr(scenario.tasks[j], f"{split}_idx")
+        if len(idx) == 0:
+            accs.append(float("nan"))
+            continue
+        correct = torch.zeros((), dtype=torch.long, device=ctx.device)
+        for start in range(0, len(idx), bs):
+            b = scenario.batch(idx[start:start + bs], j, split)
+            out = ctx.forward(b.x, b.t)
+            correct += (masked(out, scenario.mask(j)).argmax(1) == b.y).sum()
+        accs.append(int(correct) / len(idx))
+    ctx.model.train(was_training)
+    return accs
+
+
+@dataclass
+class Trained:
+    """What :func:`train` returns: the matrices, the timings and the warnings (the record adds config/versions)."""
+
+    accuracy_matrix: list[list[float]]
+    baseline: list[float]
+    timings: dict[str, float]
+    warnings: list[str]
+    val_matrix: list[list[float]] | None = None
+
+
+Progress = Callable[[int, int, int, float], None]  # (task, step within task, steps in task, loss)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def check_pairing(method: Method, scenario: Scenario, config: TrainConfig) -> None:
+    """Refuse, before any training, a method in a mode it does not support or a task-free run it cannot do."""
+    if scenario.mode not in method.modes:
+        raise ConfigError(f"{method.name} does not support {scenario.mode}-IL; it supports "
+                          f"{', '.join(method.modes)} (use --mode {method.modes[0]})")
+    if config.task_free and method.needs_boundaries:
+        raise ConfigError(f"{method.name} needs task boundaries and cannot run on a task-free stream; "
+                          "drop --task-free or pick a method that works without boundaries")
+
+
+def train(scenario: Scenario, method: Method, model: nn.Module, config: TrainConfig,
+          progress: Progress | None = None) -> Trained:
+    """Train ``model`` with ``method`` on every task of ``scenario`` in turn; fill R and b.
+
+    The model should be created after seeding (``torch.manual_seed(config.seed)``) for a reproducible run;
+    :func:`retain.api.run` does that.
+    """
+    config.validate()
+    check_pairing(method, scenario, config)
+    device = resolve_device(config.device)
+    scenario = scenario.to(device)
+    model.to(device)
+    view = scenario.train_view()
+    ctx = Context(model, view, config, method, device, torch.Generator().manual_seed(config.seed + 17),
+                  torch.zeros(scenario.n_outputs, dtype=torch.bool, device=device))
+    T = scenario.n_tasks
+    R = [[math.nan] * T for _ in range(T)]
+    V = [[math.nan] * T for _ in range(T)] if config.evaluate_val else None
+    train_s = eval_s = 0.0
+
+    def evaluate_row(i: int) -> None:
+        nonlocal eval_s
+        _sync(device)
+        t0 = time.perf_counter()
+        R[i] = evaluate(ctx, scenario)
+        if V is not None:
+            V[i] = evaluate(ctx, scenario, "val")
+        _sync(device)
+        eval_s += time.perf_counter() - t0
+
+    def step(batch: Batch, task_step: int, n_steps: int) -> None:
+        loss = method.observe(ctx, batch)
+        ctx.step += 1
+        value = float(loss)
+        if not math.isfinite(value):
+            raise TrainingError(f"loss became {value} at task {ctx.task}, step {task_step} "
+                                f"(global step {ctx.step}); lower --lr or the method's strength",
+                                ctx.task, ctx.step)
+        if progress is not None:
+            progress(ctx.task, task_step + 1, n_steps, value)
+
+    t0 = time.perf_counter()
+    baseline = evaluate(ctx, scenario)
+    eval_s += time.perf_counter() - t0
+
+    if config.task_free:
+        ctx.optimizer = ctx.make_optimizer()
+        g = torch.Generator().manual_seed(config.seed)
+        n_steps = math.ceil(sum(len(t.train_idx) for t in scenario.tasks) / config.batch_size)
+        done_rows = 0
+        t0 = time.perf_counter()
+        for i, (idx, t, done) in enumerate(view.stream(config.batch_size, g, config.blurry)):
+            ctx.task = int(t[-1])
+            if scenario.mode == "class":
+                ctx.seen |= scenario.task_out[t].any(0)
+            step(view.batch(idx, t), i, n_steps)
+            while done_rows < done:
+                _sync(device)
+                train_s += time.perf_counter() - t0
+                evaluate_row(done_rows)
+                done_rows += 1
+                t0 = time.perf_counter()
+        _sync(device)
+        train_s += time.perf_counter() - t0
+    else:
+        for task in range(T):
+            ctx.task = task
+            if scenario.mode == "class":
+                ctx.seen |= scenario.task_out[task]
+            _sync(device)
+            t0 = time.perf_counter()
+            method.begin_task(ctx)
+            ctx.optimizer = ctx.make_optimizer()
+            data = method.task_data(ctx, view.task_data(task))
+            n_steps = config.iterations or config.epochs * math.ceil(len(data) / config.batch_size)
+            for i, batch in enumerate(ctx.batches(data)):
+                step(batch, i, n_steps)
+            method.end_task(ctx)
+            _sync(device)
+            train_s += time.perf_counter() - t0
+            evaluate_row(task)
+    return Trained(R, baseline, {"train_s": train_s, "eval_s": eval_s}, list(ctx.warnings), V)
+
