@@ -387,7 +387,8 @@ def load(name: str, data_dir: str | os.PathLike | None = None, download_missing:
     src = SOURCES[name]
     if src.kind == "digits":
         return load_digits()
-    folder = locate(name, data_dir)
+    fresh_target = download_missing and data_dir is not None and not Path(data_dir).exists()
+    folder = None if fresh_target else locate(name, data_dir)
     if folder is None:
         if not download_missing:
             looked = ", ".join(str(p) for p in candidate_folders(src, data_dir))

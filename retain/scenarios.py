@@ -378,9 +378,9 @@ def from_tensors(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tenso
         if len(x) != len(y):
             raise ConfigError(f"{nm}: {len(x)} inputs but {len(y)} labels")
     y_train, y_test = y_train.long(), y_test.long()
-    if len(y_train) == 0 or int(y_train.min()) < 0 or int(y_test.min(initial=0)) < 0:
+    if len(y_train) == 0 or int(y_train.min()) < 0 or (len(y_test) and int(y_test.min()) < 0):
         raise ConfigError("labels must be non-negative integers and the training set non-empty")
-    n_classes = int(max(y_train.max(), y_test.max(initial=0))) + 1
+    n_classes = int(torch.cat([y_train, y_test]).max()) + 1
     return split(Arrays(name, x_train, y_train, x_test, y_test, n_classes, source="user tensors"), mode,
                  **split_kwargs)
 

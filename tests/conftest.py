@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny synthetic scenarios and the location of the real MNIST (../shared/data/mnist)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from retain import scenarios
+from retain.data import make_synthetic
+
+MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def synthetic():
+    """4 classes of Gaussian blobs in 8 dimensions, split into 2 tasks."""
+    return make_synthetic(n_classes=4, n_train=32, n_test=16, dim=8, seed=0)
+
+
+@pytest.fixture
+def mnist_dir() -> Path:
+    if not (MNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"real MNIST not found at {MNIST}")
+    return MNIST
+
+
+def tiny_split(mode: str, n_tasks: int = 2, **kw):
+    data = make_synthetic(n_classes=2 * n_tasks, n_train=32, n_test=16, dim=8, seed=0)
+    return scenarios.split(data, mode, n_tasks=n_tasks, **kw)
