@@ -1,0 +1,142 @@
+"""Meta-experience replay (MER): Reptile meta-updates within and across batches of current + replayed examples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from retain.errors import ConfigError
+from retain.method import Method, param, register
+from retain.scenarios import Batch
+
+
+class Reservoir:
+    """A fixed-size reservoir of prepared rows (x, y, t): after n rows were offered, each is held with probability
+    capacity / n (Vitter's algorithm R — the replacement slot is drawn over the number of rows *seen*).
+
+    Private to MER and OML until the shared buffer (retain/buffers.py, the replay issue) exists.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.seen = 0
+        self.x: Tensor | None = None
+        self.y: Tensor | None = None
+        self.t: Tensor | None = None
+
+    def __len__(self) -> int:
+        return min(self.seen, self.capacity)
+
+    @torch.no_grad()
+    def add(self, x: Tensor, y: Tensor, t: Tensor, rng: torch.Generator) -> None:
+        if self.x is None:
+            self.x = x.new_zeros((self.capacity, *x.shape[1:]))
+            self.y = y.new_zeros(self.capacity)
+            self.t = t.new_zeros(self.capacity)
+        for i in range(len(x)):
+            if self.seen < self.capacity:
+                slot = self.seen
+            else:
+                slot = int(torch.randint(0, self.seen + 1, (1,), generator=rng))
+            self.seen += 1
+            if slot < self.capacity:
+                self.x[slot], self.y[slot], self.t[slot] = x[i], y[i], t[i]
+
+    def sample(self, n: int, rng: torch.Generator) -> Batch | None:
+        """``min(n, len)`` distinct stored rows (new = False), or None when empty."""
+        size = len(self)
+        if size == 0 or n <= 0:
+            return None
+        idx = torch.randperm(size, generator=rng)[:n].to(self.x.device)
+        return Batch(self.x[idx], self.y[idx], self.t[idx], torch.zeros(len(idx), dtype=torch.bool,
+                                                                         device=self.x.device))
+
+
+@register("mer")
+@dataclass
+class MER(Method):
+    """Meta-experience replay: SGD on one example at a time, interpolated Reptile-style within and across batches.
+
+    Riemer, Cases, Ajemian, Liu, Rish, Tu & Tesauro, "Learning to learn without forgetting by maximizing transfer
+    and minimizing interference", ICLR 2019, Algorithm 1. For each incoming example (x, y):
+
+        θ_A ← θ
+        for i = 1..s (``batches_per_example``):
+            θ_W ← θ;  B_i ← (x, y) and k−1 examples drawn from the reservoir memory M (k = ``replay_batch``)
+            for (x_j, y_j) in B_i:  θ ← θ − α ∇ℓ(x_j, y_j; θ)            (plain SGD, one example per step)
+            θ ← θ_W + β (θ − θ_W)                                           (within-batch Reptile, ``beta``)
+        θ ← θ_A + γ (θ − θ_A)                                               (across-batch Reptile, ``gamma``)
+        M ← reservoir(M, (x, y))
+
+    An incoming batch is processed one example after another, as the paper's online setting (batch size 1) does;
+    with β = γ = 1, s = 1 and an empty memory this is exactly one SGD step per example. α is ``alpha`` or, if 0,
+    the run's learning rate; the run's optimizer is not used (the paper's inner steps are plain SGD).
+
+    Hooks: ``observe`` (the whole step). Works on a task-free stream (no boundaries needed) and in every mode (the
+    loss of each example uses its own task's mask).
+
+    Deviations: the order of the k examples of B_i is a random shuffle (the paper leaves it open); the memory is a
+    private reservoir (retain/buffers.py did not exist yet).
+    """
+
+    beta: float = param(0.03, "within-batch Reptile meta-learning rate (β)")
+    gamma: float = param(1.0, "across-batch Reptile meta-learning rate (γ)")
+    batches_per_example: int = param(1, "batches B_i drawn per incoming example (s)")
+    replay_batch: int = param(10, "examples per batch B_i, the current one included (k)")
+    buffer_size: int = param(200, "reservoir memory size (|M|)")
+    alpha: float = param(0.0, "SGD learning rate of each per-example step (α; 0 = the run's learning rate)")
+
+    def __post_init__(self) -> None:
+        for name in ("beta", "gamma"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ConfigError(f"mer: {name} must be in (0, 1], got {getattr(self, name)}")
+        if self.batches_per_example < 1 or self.replay_batch < 1:
+            raise ConfigError("mer: batches_per_example and replay_batch must be >= 1")
+        if self.buffer_size < 0 or self.alpha < 0:
+            raise ConfigError("mer: buffer_size and alpha must be >= 0")
+        self.memory = Reservoir(self.buffer_size)
+
+    def observe(self, ctx: Any, batch: Batch) -> Tensor:
+        params = [p for p in ctx.model.parameters() if p.requires_grad]
+        lr = self.alpha or ctx.config.lr
+        losses = []
+        for i in range(len(batch)):
+            current = Batch(batch.x[i:i + 1], batch.y[i:i + 1], batch.t[i:i + 1], None, batch.task)
+            start_a = [p.detach().clone() for p in params]
+            for _ in range(self.batches_per_example):
+                start_w = [p.detach().clone() for p in params]
+                rows = [current]
+                replay = self.memory.sample(self.replay_batch - 1, ctx.rng)
+                if replay is not None:
+                    rows += [Batch(replay.x[j:j + 1], replay.y[j:j + 1], replay.t[j:j + 1], replay.new[j:j + 1])
+                             for j in range(len(replay))]
+                order = torch.randperm(len(rows), generator=ctx.rng).tolist() if len(rows) > 1 else [0]
+                for j in order:
+                    loss = self._sgd(ctx, params, rows[j], lr)
+                    if j == 0 and len(losses) == i:
+                        losses.append(loss)
+                _interpolate(params, start_w, self.beta)
+            _interpolate(params, start_a, self.gamma)
+            self.memory.add(current.x, current.y, current.t, ctx.rng)
+        return torch.stack(losses).mean()
+
+    def _sgd(self, ctx: Any, params: list[torch.nn.Parameter], row: Batch, lr: float) -> Tensor:
+        loss = ctx.loss(self.forward(ctx, row.x, row.t), row)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                if g is not None:
+                    p.sub_(lr * g)
+        return loss.detach()
+
+
+@torch.no_grad()
+def _interpolate(params: list[torch.nn.Parameter], start: list[Tensor], rate: float) -> None:
+    """θ ← θ_0 + rate (θ − θ_0) (a no-op when rate = 1)."""
+    if rate == 1.0:
+        return
+    for p, p0 in zip(params, start):
+        p.copy_(p0 + rate * (p - p0))
