@@ -25,6 +25,7 @@ from torch import nn
 
 import retain
 from retain import benchmarks
+from retain.checkpoint import Checkpointer
 from retain.errors import ConfigError
 from retain.method import Method, create
 from retain.metrics import all_metrics
@@ -153,12 +154,13 @@ def peak_memory_mb() -> float:
 
 def run(config: RunConfig | None = None, *, scenario: Scenario | None = None, model: nn.Module | None = None,
         method: Method | str | None = None, progress: Progress | None = None, quiet: bool = True,
-        **overrides: Any) -> Result:
+        checkpointer: Checkpointer | None = None, **overrides: Any) -> Result:
     """Run one continual-learning experiment and return its :class:`Result`.
 
     Either a :class:`RunConfig` (or its fields as keyword arguments: ``run(benchmark="split-mnist",
     method="ewc", mode="task", params={"lambda": 1e4})``), or the user's own ``scenario`` (and optionally
-    ``model``; an MLP of ``hidden`` sizes otherwise) with the training fields as keywords.
+    ``model``; an MLP of ``hidden`` sizes otherwise) with the training fields as keywords. A
+    :class:`retain.checkpoint.Checkpointer` makes the run checkpoint (and resume from its file if asked).
     """
     config = dataclasses.replace(config, **overrides) if config else RunConfig(**overrides)
     if isinstance(method, str):
@@ -178,7 +180,7 @@ def run(config: RunConfig | None = None, *, scenario: Scenario | None = None, mo
     torch.manual_seed(config.seed)
     if model is None:
         model = build_model(config.arch, scenario.input_shape, scenario.n_outputs, config.hidden)
-    trained = train(scenario, method, model, config.train_config(), progress)
+    trained = train(scenario, method, model, config.train_config(), progress, checkpointer)
     return Result(
         config=config.to_dict(),
         accuracy_matrix=trained.accuracy_matrix,

@@ -174,11 +174,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = run_config(args).resolved()
     scenario = benchmarks.scenario(cfg.benchmark, cfg.mode, cfg.n_tasks, cfg.seed, cfg.data_dir, cfg.download,
                                    cfg.val_fraction, cfg.class_order, cfg.task_order)
-    bar = ProgressBar(scenario.n_tasks, enabled=not args.quiet)
-    try:
-        result = api.run(cfg, scenario=scenario, progress=bar)
-    finally:
-        bar.close()
+    recorder = _Recorder(args, cfg)  # the store and the checkpoint, when asked for
+    if recorder.stored is not None:
+        result = api.Result(**{k: recorder.stored[k] for k in ("config", "accuracy_matrix", "baseline", "metrics",
+                                                                "timings", "versions", "warnings", "val_matrix",
+                                                                "peak_memory_mb")})
+        print(f"already done in the store {args.store} (run {recorder.hash[:10]}); showing the stored result "
+              "(--force reruns it)", file=sys.stderr)
+    else:
+        bar = ProgressBar(scenario.n_tasks, enabled=not args.quiet)
+        try:
+            result = api.run(cfg, scenario=scenario, progress=bar, checkpointer=recorder.checkpointer)
+        except BaseException as e:
+            recorder.failed(e)
+            raise
+        finally:
+            bar.close()
+        recorder.done(result)
     for w in result.warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(f"{cfg.method} on {cfg.benchmark} ({cfg.mode}-IL), seed {cfg.seed}: "
@@ -187,6 +199,57 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.json:
         write_json_atomic(args.json, result.to_dict())
     return 0
+
+
+class _Recorder:
+    """``retain run``'s link to the results store and its checkpoint (only with --store / --resume /
+    --checkpoint-every): skip a configuration already done, record the outcome, resume from a checkpoint."""
+
+    def __init__(self, args: argparse.Namespace, cfg: Any):
+        self.store = self.checkpointer = self.stored = None
+        self.hash = ""
+        if not (args.store or args.resume or args.checkpoint_every):
+            return
+        from retain.checkpoint import Checkpointer
+        from retain.experiments import checkpoint_dir
+        from retain.store import Store, config_hash
+
+        args.store = args.store or "retain.db"
+        self.store = Store(args.store)
+        self.spec = cfg.to_dict()
+        self.hash = config_hash(self.spec)
+        previous = self.store.get(self.hash)
+        if previous is not None and previous["status"] == "done" and not args.force:
+            self.stored = previous
+            return
+        self.checkpointer = Checkpointer(checkpoint_dir(self.store) / f"{self.hash}.ckpt", args.checkpoint_every,
+                                         resume=args.resume, fingerprint=self.hash)
+        if args.resume and not self.checkpointer.path.exists():
+            print(f"note: no checkpoint of this configuration in {self.checkpointer.path.parent}; "
+                  "starting from the beginning", file=sys.stderr)
+        self.store.claim(self.hash, self.spec, force=True)
+
+    def done(self, result: Any) -> None:
+        if self.store is None:
+            return
+        if self.checkpointer.resumed_from:
+            p = self.checkpointer.resumed_from
+            print(f"resumed from the checkpoint at task {p['task']}, step {p['task_step']} of the task",
+                  file=sys.stderr)
+        self.store.finish(self.hash, self.spec, result.to_dict())
+        self.checkpointer.finished()
+
+    def failed(self, e: BaseException) -> None:
+        if self.store is None:
+            return
+        from retain.trainer import TrainingError
+
+        if isinstance(e, TrainingError):
+            self.store.fail(self.hash, self.spec, str(e), e.task, e.step)
+        elif isinstance(e, KeyboardInterrupt):
+            self.store.fail(self.hash, self.spec, "interrupted; continue with `retain run ... --resume`")
+        elif isinstance(e, Exception):
+            self.store.fail(self.hash, self.spec, f"{type(e).__name__}: {e}")
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -225,7 +288,14 @@ def build_parser() -> Parser:
     r = sub.add_parser("run", help="train one method on one benchmark, print the accuracy matrix and metrics")
     add_run_options(r)
     r.add_argument("--json", metavar="PATH", help="write the result record as JSON")
-    r.set_defaults(func=cmd_run)
+    r.add_argument("--config", metavar="FILE", help="options from a TOML/YAML file (flags on the command line win)")
+    s = r.add_argument_group("results store and checkpoints")
+    s.add_argument("--store", metavar="PATH", help="record the run in this results store (SQLite)")
+    s.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="checkpoint every N steps (and at every "
+                   "task boundary) beside the store (default store ./retain.db)")
+    s.add_argument("--resume", action="store_true", help="continue this configuration from its checkpoint")
+    s.add_argument("--force", action="store_true", help="rerun even if the store holds this run as done")
+    r.set_defaults(func=cmd_run, _parser=r)
 
     m = sub.add_parser("methods", help="list the methods, their hyper-parameters, defaults and modes")
     add_common_options(m)
@@ -245,11 +315,23 @@ def build_parser() -> Parser:
     return p
 
 
+def _with_config(parser: Parser, argv: list[str], args: argparse.Namespace) -> argparse.Namespace:
+    """Re-parse with the config file's options placed before the typed ones (so the typed ones win)."""
+    from retain import config
+
+    values = config.load(args.config)
+    file_argv = config.to_argv(values, args._parser, args.config)
+    at = argv.index(args.command)
+    return parser.parse_args(argv[:at + 1] + file_argv + argv[at + 1:])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "config", None):
+            args = _with_config(parser, argv, args)
         return int(args.func(args) or 0)
     except RetainError as e:
         print(f"retain: error: {e}", file=sys.stderr)

@@ -8,6 +8,7 @@ batches with no boundary calls and evaluates whenever a task's data has fully pa
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from retain.checkpoint import Checkpointer, rng_state, set_rng_state
 from retain.errors import ConfigError, RetainError
 from retain.method import Method
 from retain.scenarios import Batch, Scenario, TaskData
@@ -128,10 +130,11 @@ class Context:
         return torch.optim.Adam(params, lr=lr, betas=c.betas, weight_decay=c.weight_decay)
 
     def batches(self, data: TaskData, epochs: int | None = None, iterations: int | None = None,
-                batch_size: int | None = None, seed: int | None = None) -> Iterator[Batch]:
+                batch_size: int | None = None, seed: int | None = None, start: int = 0) -> Iterator[Batch]:
         """Shuffled batches of ``data``: ``epochs`` passes, or exactly ``iterations`` steps (cycling passes).
 
-        The order of pass ``e`` comes from a generator seeded with ``(seed, e)``, so it can be regenerated.
+        The order of pass ``e`` comes from a generator seeded with ``(seed, e)``, so it can be regenerated;
+        ``start`` skips the first steps without building them (resuming a run mid-task).
         """
         bs = batch_size or self.config.batch_size
         n = len(data)
@@ -141,17 +144,18 @@ class Context:
             epochs, iterations = self.config.epochs, self.config.iterations
         single = int(data.t[0]) if bool((data.t == data.t[0]).all()) else None
         base = self.config.seed * 1_000_003 + self.task * 7919 if seed is None else seed
-        steps, epoch = 0, 0
+        steps, epoch, skip = 0, 0, start
         while True:
             if iterations is None and epoch >= epochs:
                 return
             g = torch.Generator().manual_seed(base + epoch)
             perm = torch.randperm(n, generator=g).to(data.idx.device)
-            for start in range(0, n, bs):
+            for begin in range(0, n, bs):
                 if iterations is not None and steps >= iterations:
                     return
-                sel = perm[start:start + bs]
-                yield self.scenario.batch(data.idx[sel], single if single is not None else data.t[sel])
+                if steps >= skip:
+                    sel = perm[begin:begin + bs]
+                    yield self.scenario.batch(data.idx[sel], single if single is not None else data.t[sel])
                 steps += 1
             epoch += 1
 
@@ -220,11 +224,13 @@ def check_pairing(method: Method, scenario: Scenario, config: TrainConfig) -> No
 
 
 def train(scenario: Scenario, method: Method, model: nn.Module, config: TrainConfig,
-          progress: Progress | None = None) -> Trained:
+          progress: Progress | None = None, checkpointer: Checkpointer | None = None) -> Trained:
     """Train ``model`` with ``method`` on every task of ``scenario`` in turn; fill R and b.
 
     The model should be created after seeding (``torch.manual_seed(config.seed)``) for a reproducible run;
-    :func:`retain.api.run` does that.
+    :func:`retain.api.run` does that. With a ``checkpointer`` the full state is saved at every task boundary
+    (and every ``checkpointer.every`` steps), and a run with a checkpoint to resume from continues where it
+    stopped: the same batches, the same random draws, the same final matrix as an uninterrupted run.
     """
     config.validate()
     check_pairing(method, scenario, config)
@@ -237,17 +243,29 @@ def train(scenario: Scenario, method: Method, model: nn.Module, config: TrainCon
     T = scenario.n_tasks
     R = [[math.nan] * T for _ in range(T)]
     V = [[math.nan] * T for _ in range(T)] if config.evaluate_val else None
-    train_s = eval_s = 0.0
+    clock = {"train_s": 0.0, "eval_s": 0.0}
+    saved = checkpointer.load(device) if checkpointer is not None else None
 
     def evaluate_row(i: int) -> None:
-        nonlocal eval_s
         _sync(device)
         t0 = time.perf_counter()
         R[i] = evaluate(ctx, scenario)
         if V is not None:
             V[i] = evaluate(ctx, scenario, "val")
         _sync(device)
-        eval_s += time.perf_counter() - t0
+        clock["eval_s"] += time.perf_counter() - t0
+
+    def checkpoint(task: int, task_step: int, data: TaskData | None, boundary: bool = False) -> None:
+        """Position ``(task, task_step)``: the next step to take; ``data`` is what the task iterates. At a task
+        boundary the optimizer is left out: ``begin_task`` may change the parameters, so it is rebuilt anyway."""
+        if checkpointer is None:
+            return
+        checkpointer.save({
+            "position": {"task": task, "task_step": task_step, "step": ctx.step},
+            "model": ctx.model, "method": method.state_dict(),
+            "optimizer": None if boundary or ctx.optimizer is None else ctx.optimizer.state_dict(),
+            "seen": ctx.seen, "data": data, "rng": rng_state(ctx), "R": R, "V": V, "baseline": baseline,
+            "timings": dict(clock), "warnings": list(ctx.warnings)})
 
     def step(batch: Batch, task_step: int, n_steps: int) -> None:
         loss = method.observe(ctx, batch)
@@ -260,45 +278,85 @@ def train(scenario: Scenario, method: Method, model: nn.Module, config: TrainCon
         if progress is not None:
             progress(ctx.task, task_step + 1, n_steps, value)
 
-    t0 = time.perf_counter()
-    baseline = evaluate(ctx, scenario)
-    eval_s += time.perf_counter() - t0
+    def after_step(task_step: int, data: TaskData | None) -> None:
+        """Checkpoint when due or when Ctrl-C asked to stop (then stop, with nothing lost)."""
+        if checkpointer is None:
+            return
+        if checkpointer.due(ctx.step) or checkpointer.interrupted:
+            checkpoint(ctx.task, task_step, data)
+        if checkpointer.interrupted:
+            raise KeyboardInterrupt
 
-    if config.task_free:
-        ctx.optimizer = ctx.make_optimizer()
-        g = torch.Generator().manual_seed(config.seed)
-        n_steps = math.ceil(sum(len(t.train_idx) for t in scenario.tasks) / config.batch_size)
-        done_rows = 0
+    start_task, start_step, data = 0, 0, None
+    if saved is None:
         t0 = time.perf_counter()
-        for i, (idx, t, done) in enumerate(view.stream(config.batch_size, g, config.blurry)):
-            ctx.task = int(t[-1])
-            if scenario.mode == "class":
-                ctx.seen |= scenario.task_out[t].any(0)
-            step(view.batch(idx, t), i, n_steps)
-            while done_rows < done:
-                _sync(device)
-                train_s += time.perf_counter() - t0
-                evaluate_row(done_rows)
-                done_rows += 1
-                t0 = time.perf_counter()
-        _sync(device)
-        train_s += time.perf_counter() - t0
+        baseline = evaluate(ctx, scenario)
+        clock["eval_s"] += time.perf_counter() - t0
     else:
-        for task in range(T):
-            ctx.task = task
-            if scenario.mode == "class":
-                ctx.seen |= scenario.task_out[task]
-            _sync(device)
-            t0 = time.perf_counter()
-            method.begin_task(ctx)
+        # The whole model object comes back (structure a method added included); the optimizer is rebuilt
+        # over its parameters and given its saved state; the RNGs are set last, after anything that draws.
+        ctx.model = model = saved["model"].to(device)
+        method.load_state_dict(saved["method"])
+        ctx.seen = saved["seen"].to(device)
+        ctx.step = saved["position"]["step"]
+        ctx.warnings = list(saved["warnings"])
+        R[:], baseline, clock = saved["R"], saved["baseline"], dict(saved["timings"])
+        if V is not None and saved["V"] is not None:
+            V[:] = saved["V"]
+        start_task, start_step, data = saved["position"]["task"], saved["position"]["task_step"], saved["data"]
+        if saved["optimizer"] is not None:
+            ctx.task = start_task
             ctx.optimizer = ctx.make_optimizer()
-            data = method.task_data(ctx, view.task_data(task))
-            n_steps = config.iterations or config.epochs * math.ceil(len(data) / config.batch_size)
-            for i, batch in enumerate(ctx.batches(data)):
-                step(batch, i, n_steps)
-            method.end_task(ctx)
-            _sync(device)
-            train_s += time.perf_counter() - t0
-            evaluate_row(task)
-    return Trained(R, baseline, {"train_s": train_s, "eval_s": eval_s}, list(ctx.warnings), V)
+            ctx.optimizer.load_state_dict(saved["optimizer"])
+        set_rng_state(ctx, saved["rng"])
 
+    guard = checkpointer.guard() if checkpointer is not None else contextlib.nullcontext()
+    with guard:
+        if config.task_free:
+            if saved is None:
+                ctx.optimizer = ctx.make_optimizer()
+            g = torch.Generator().manual_seed(config.seed)
+            n_steps = math.ceil(sum(len(t.train_idx) for t in scenario.tasks) / config.batch_size)
+            done_rows = sum(1 for row in R if not math.isnan(row[0])) if saved is not None else 0
+            t0 = time.perf_counter()
+            for i, (idx, t, done) in enumerate(view.stream(config.batch_size, g, config.blurry)):
+                if i < start_step:  # resuming: these steps were taken before the checkpoint
+                    continue
+                ctx.task = int(t[-1])
+                if scenario.mode == "class":
+                    ctx.seen |= scenario.task_out[t].any(0)
+                step(view.batch(idx, t), i, n_steps)
+                while done_rows < done:
+                    _sync(device)
+                    clock["train_s"] += time.perf_counter() - t0
+                    evaluate_row(done_rows)
+                    done_rows += 1
+                    t0 = time.perf_counter()
+                after_step(i + 1, None)
+            _sync(device)
+            clock["train_s"] += time.perf_counter() - t0
+        else:
+            for task in range(start_task, T):
+                ctx.task = task
+                if scenario.mode == "class":
+                    ctx.seen |= scenario.task_out[task]
+                _sync(device)
+                t0 = time.perf_counter()
+                mid_task = data is not None and task == start_task
+                if not mid_task:
+                    method.begin_task(ctx)
+                    ctx.optimizer = ctx.make_optimizer()
+                    data = method.task_data(ctx, view.task_data(task))
+                first = start_step if mid_task else 0
+                n_steps = config.iterations or config.epochs * math.ceil(len(data) / config.batch_size)
+                for i, batch in enumerate(ctx.batches(data, start=first), start=first):
+                    step(batch, i, n_steps)
+                    after_step(i + 1, data)
+                method.end_task(ctx)
+                _sync(device)
+                clock["train_s"] += time.perf_counter() - t0
+                evaluate_row(task)
+                data = None
+                if task + 1 < T:
+                    checkpoint(task + 1, 0, None, boundary=True)
+    return Trained(R, baseline, dict(clock), list(ctx.warnings), V)

@@ -1,0 +1,169 @@
+"""Checkpoints: a run's full state written atomically with a checksum, and read back only when it verifies.
+
+What a checkpoint holds (see :func:`capture`): the model (the whole module, so structure a method grew — a PNN
+column, a PackNet mask — comes back too), the optimizer's state, the method's ``state_dict()`` (buffers, Fisher,
+Ω, generators...), every random number generator the run draws from (torch, the context's generator, NumPy,
+Python, CUDA), the position (task, step within the task, global step), the data the current task iterates, and
+the partial accuracy matrices and timings. The model and the method state are pickled in one ``torch.save`` call,
+so a method that keeps references to the model's parameters gets them back shared, not copied.
+
+File format: ``RETAINCKPT1\\n`` + the SHA-256 of the payload (hex) + ``\\n`` + the payload. It is written to a
+temporary file in the same folder, flushed to disk, then renamed over the old one: a crash or a full disk while
+writing leaves the previous checkpoint intact, and a damaged file is refused by its checksum, never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import signal
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from retain.errors import RetainError
+
+MAGIC = b"RETAINCKPT1\n"
+FORMAT = 1
+
+
+class CheckpointError(RetainError):
+    """A checkpoint could not be written, or failed its checksum / does not belong to this run. Exit code 1."""
+
+    exit_code = 1
+
+
+def save(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically (temporary file + fsync + rename), with its SHA-256."""
+    path = Path(path)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getvalue()
+    digest = hashlib.sha256(payload).hexdigest().encode()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}; "
+                              "free space or choose a writable folder") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(MAGIC + digest + b"\n")
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous checkpoint "
+                              "is kept; free disk space and resume") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save`; refuse it (:class:`CheckpointError`) unless its checksum holds."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    head = len(MAGIC) + 65
+    if not raw.startswith(MAGIC) or len(raw) < head or raw[head - 1:head] != b"\n":
+        raise CheckpointError(f"{path} is not a retain checkpoint (bad header); delete it to start the run afresh")
+    digest, payload = raw[len(MAGIC):head - 1].decode(errors="replace"), raw[head:]
+    if hashlib.sha256(payload).hexdigest() != digest:
+        raise CheckpointError(f"checkpoint {path} is corrupt (checksum mismatch); delete it to start the run "
+                              "afresh")
+    # Our own file, verified by its checksum: full unpickling is needed for modules and method state.
+    return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=False)
+
+
+# ----------------------------------------------------------------------------------------------- RNG states
+
+def rng_state(ctx: Any) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "ctx": ctx.rng.get_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(ctx: Any, state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    ctx.rng.set_state(state["ctx"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------- the policy
+
+class Checkpointer:
+    """When and where a run checkpoints, and whether it resumes. Given to :func:`retain.trainer.train`.
+
+    ``every``: also checkpoint every N global steps (task boundaries always). ``resume``: start from ``path``
+    when it exists. ``fingerprint`` (the config hash) is stored and checked, so a checkpoint of another
+    configuration is never resumed by mistake. ``keep``: leave the file after the run finishes.
+    """
+
+    def __init__(self, path: str | os.PathLike, every: int | None = None, resume: bool = False,
+                 fingerprint: str = "", keep: bool = False):
+        if every is not None and every < 1:
+            from retain.errors import ConfigError
+
+            raise ConfigError(f"--checkpoint-every must be at least 1 step, got {every}")
+        self.path, self.every, self.resume = Path(path), every, resume
+        self.fingerprint, self.keep = fingerprint, keep
+        self.interrupted = False
+        self.resumed_from: dict[str, Any] | None = None  # position of the checkpoint a run resumed from
+
+    def due(self, global_step: int) -> bool:
+        return self.every is not None and global_step % self.every == 0
+
+    def load(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+        if not (self.resume and self.path.exists()):
+            return None
+        state = load(self.path, map_location)
+        if state.get("format") != FORMAT:
+            raise CheckpointError(f"checkpoint {self.path} has format {state.get('format')}, expected {FORMAT}; "
+                                  "delete it to start afresh")
+        if self.fingerprint and state.get("fingerprint") != self.fingerprint:
+            raise CheckpointError(f"checkpoint {self.path} belongs to another configuration; delete it or "
+                                  "resume with the configuration that wrote it")
+        self.resumed_from = dict(state["position"])
+        return state
+
+    def save(self, state: dict[str, Any]) -> None:
+        save(self.path, {"format": FORMAT, "fingerprint": self.fingerprint, **state})
+
+    def finished(self) -> None:
+        if not self.keep and self.path.exists():
+            self.path.unlink()
+
+    @contextmanager
+    def guard(self) -> Iterator[None]:
+        """While training: SIGINT sets a flag; the trainer checkpoints after the current step, then stops."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self.interrupted:  # a second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            self.interrupted = True
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,237 @@
+"""Where runs execute: in this process, in a local process pool, or as tasks on a Ray cluster.
+
+Every executor runs the same function, :func:`execute`, on a job spec (a resolved run configuration as a dict)
+and hands back an *outcome* dict; only the driver writes to the results store. Inside a worker torch uses one
+thread, so a run computes exactly the same numbers whichever executor ran it and however many ran beside it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from retain.errors import ConfigError, RetainError
+
+Outcome = dict[str, Any]  # {"status": "done", "result": {...}} | {"status": "failed", "reason", "task", "step"}
+Report = Callable[[int, int, int, int, float], None]  # (job index, task, step, n_steps, loss)
+
+_progress_queue: Any = None  # set in pool workers: where per-run progress goes
+
+
+# ---------------------------------------------------------------------------------------------- one run
+
+def _reset_peak_memory() -> None:
+    """Reset this process's resident-memory high-water mark (Linux), so each run reports its own peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_memory_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def execute(spec: dict[str, Any], options: dict[str, Any], index: int = 0,
+            report: Report | None = None) -> Outcome:
+    """Run one job and describe how it went. Never raises for a run's own failure: a diverged run, a bad
+    configuration or a crash inside a method becomes a ``failed`` outcome with the reason (and step)."""
+    from retain import api, benchmarks
+    from retain.checkpoint import Checkpointer
+    from retain.experiments import ensure_methods, only_task, spec_hash
+    from retain.trainer import TrainingError
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    h = spec_hash(spec)
+    ckpt = None
+    if options.get("checkpoint_dir"):
+        ckpt = Checkpointer(Path(options["checkpoint_dir"]) / f"{h}.ckpt", options.get("checkpoint_every"),
+                            resume=options.get("resume", True), fingerprint=h)
+    fields = {k: v for k, v in spec.items() if k != "alone"}
+    if fields.get("hidden") is not None:
+        fields["hidden"] = tuple(fields["hidden"])
+    progress = None
+    if report is not None:
+        progress = lambda task, step, n, loss: report(index, task, step, n, loss)  # noqa: E731
+    _reset_peak_memory()
+    try:
+        ensure_methods([fields["method"]])
+        cfg = api.RunConfig(**fields)
+        scenario = benchmarks.scenario(cfg.benchmark, cfg.mode, cfg.n_tasks, cfg.seed, cfg.data_dir, cfg.download,
+                                       cfg.val_fraction, cfg.class_order, cfg.task_order)
+        if spec.get("alone") is not None:
+            scenario = only_task(scenario, spec["alone"])
+        result = api.run(cfg, scenario=scenario, progress=progress, checkpointer=ckpt)
+    except TrainingError as e:
+        return {"status": "failed", "reason": str(e), "task": e.task, "step": e.step}
+    except RetainError as e:
+        return {"status": "failed", "reason": str(e), "task": None, "step": None}
+    except Exception as e:  # noqa: BLE001 - a bug in one method must not take the sweep down
+        last = traceback.extract_tb(e.__traceback__)[-1]
+        return {"status": "failed", "reason": f"internal error {type(e).__name__}: {e} "
+                f"({Path(last.filename).name}:{last.lineno})", "task": None, "step": None}
+    finally:
+        torch.set_num_threads(threads)
+    if ckpt is not None:
+        ckpt.finished()
+    record = result.to_dict()
+    record["config"] = spec  # the job's own spec (it says `alone` where the run trained one task)
+    record["peak_memory_mb"] = _peak_memory_mb() or record["peak_memory_mb"]
+    return {"status": "done", "result": record}
+
+
+# ------------------------------------------------------------------------------------------------ executors
+
+class Executor:
+    """Runs jobs, yields ``(index, outcome)`` as they finish; ``report`` receives per-run progress."""
+
+    name = "base"
+
+    def map(self, jobs: list[tuple[int, dict[str, Any]]], options: dict[str, Any],
+            report: Report | None = None) -> Iterator[tuple[int, Outcome]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class InProcess(Executor):
+    """One run after the other, in this process (``--workers 1``)."""
+
+    name = "local"
+
+    def map(self, jobs, options, report=None):
+        for index, spec in jobs:
+            yield index, execute(spec, options, index, report)
+
+
+def _init_worker(q: Any) -> None:
+    global _progress_queue
+    _progress_queue = q
+    torch.set_num_threads(1)
+
+
+def _pool_execute(spec: dict[str, Any], options: dict[str, Any], index: int) -> Outcome:
+    last = [0.0]
+
+    def report(i: int, task: int, step: int, n: int, loss: float) -> None:
+        now = time.monotonic()
+        if _progress_queue is not None and (now - last[0] > 0.2 or step == n):
+            last[0] = now
+            try:
+                _progress_queue.put_nowait((i, task, step, n, loss))
+            except Exception:  # noqa: BLE001 - progress is best effort
+                pass
+
+    return execute(spec, options, index, report)
+
+
+class LocalPool(Executor):
+    """A pool of ``workers`` processes on this machine (spawned: no state inherited from the driver)."""
+
+    name = "local"
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        ctx = mp.get_context("spawn")
+        self.queue = ctx.Queue()
+        self.pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                           initargs=(self.queue,))
+
+    def map(self, jobs, options, report=None):
+        futures = {self.pool.submit(_pool_execute, spec, options, index): index for index, spec in jobs}
+        pending = set(futures)
+        while pending:
+            done, pending = cf.wait(pending, timeout=0.2, return_when=cf.FIRST_COMPLETED)
+            self._drain(report)
+            for f in done:
+                try:
+                    outcome = f.result()
+                except Exception as e:  # noqa: BLE001 - a worker died (killed, out of memory)
+                    outcome = {"status": "failed", "reason": f"worker died: {type(e).__name__}: {e}",
+                               "task": None, "step": None}
+                yield futures[f], outcome
+
+    def _drain(self, report: Report | None) -> None:
+        while True:
+            try:
+                msg = self.queue.get_nowait()
+            except (queue_mod.Empty, OSError, ValueError):
+                return
+            if report is not None:
+                report(*msg)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.queue.close()
+
+
+class RayExecutor(Executor):
+    """Each run a Ray task (one CPU) on the cluster at ``address``; outcomes flow back to the driver."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None):
+        try:
+            import ray
+        except ImportError:
+            raise ConfigError("--executor ray needs Ray: pip install 'retain[ray]' (or pip install ray)") from None
+        self.ray = ray
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level="ERROR",
+                     runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ConfigError(f"cannot connect to the Ray cluster at {address}: {str(e).splitlines()[0]}; "
+                              "start one with `ray start --head` or fix --address") from None
+        self.remote = ray.remote(num_cpus=1, max_retries=0)(execute)
+
+    def map(self, jobs, options, report=None):
+        refs = {self.remote.remote(spec, options, index): index for index, spec in jobs}
+        pending = list(refs)
+        while pending:
+            done, pending = self.ray.wait(pending, num_returns=1, timeout=1.0)
+            for ref in done:
+                try:
+                    outcome = self.ray.get(ref)
+                except Exception as e:  # noqa: BLE001 - the task or its node died
+                    outcome = {"status": "failed", "reason": f"ray task failed: {type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}", "task": None, "step": None}
+                yield refs[ref], outcome
+
+    def close(self) -> None:
+        self.ray.shutdown()
+
+
+def make_executor(kind: str = "local", workers: int | None = None, address: str | None = None) -> Executor:
+    """``local`` with ``workers`` processes (1: in this process), or ``ray`` at ``address``."""
+    if kind == "ray":
+        return RayExecutor(address)
+    if kind != "local":
+        raise ConfigError(f"unknown executor {kind!r}; choose local or ray")
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    return InProcess() if workers == 1 else LocalPool(workers)
+
+
+def default_workers() -> int:
+    """Half the cores (at least 1, at most 8): each run uses one thread, and the machine stays responsive."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))

@@ -1,0 +1,134 @@
+"""Checkpoint and resume: a run killed mid-task and resumed ends with the same matrix as one never stopped."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import retain
+from retain import checkpoint
+from retain.checkpoint import Checkpointer, CheckpointError
+from retain.store import Store
+
+FAST = {"benchmark": "split-digits", "epochs": 2, "n_tasks": 3}
+
+
+class Recording(Checkpointer):
+    """Keeps a copy of every checkpoint written, to resume from each of them afterwards."""
+
+    def __init__(self, path, every=None):
+        super().__init__(path, every)
+        self.copies: list[Path] = []
+
+    def save(self, state):
+        super().save(state)
+        copy = self.path.with_name(f"copy{len(self.copies)}.ckpt")
+        shutil.copy(self.path, copy)
+        self.copies.append(copy)
+
+
+@pytest.mark.parametrize("method,extra", [("er", {}), ("ewc", {}), ("er", {"task_free": True})])
+def test_resume_from_any_checkpoint_gives_the_same_matrix(tmp_path, method, extra):
+    torch.set_num_threads(1)
+    plain = retain.run(method=method, **FAST, **extra)
+    rec = Recording(tmp_path / "run.ckpt", every=7)
+    with_ckpt = retain.run(method=method, checkpointer=rec, **FAST, **extra)
+    assert with_ckpt.accuracy_matrix == plain.accuracy_matrix  # checkpointing changes nothing
+    assert len(rec.copies) >= 4
+    picks = {rec.copies[1], rec.copies[len(rec.copies) // 2], rec.copies[-1]}
+    positions = set()
+    for copy in picks:
+        ck = Checkpointer(copy, every=7, resume=True, keep=True)
+        resumed = retain.run(method=method, checkpointer=ck, **FAST, **extra)
+        positions.add((ck.resumed_from["task"], ck.resumed_from["task_step"]))
+        assert resumed.accuracy_matrix == plain.accuracy_matrix, ck.resumed_from
+        assert resumed.baseline == plain.baseline
+    assert len(positions) == len(picks)
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "c.ckpt"
+    checkpoint.save(path, {"format": 1, "x": torch.arange(5)})
+    assert checkpoint.load(path)["x"].tolist() == [0, 1, 2, 3, 4]
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="checksum"):
+        checkpoint.load(path)
+    path.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="not a retain checkpoint"):
+        checkpoint.load(path)
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "a.ckpt"
+    checkpoint.save(path, {"v": 1})
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(CheckpointError, match="previous checkpoint is kept"):
+        checkpoint.save(path, {"v": 2})
+    monkeypatch.undo()
+    assert checkpoint.load(path)["v"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["a.ckpt"]  # no temporary left behind
+
+
+def test_checkpoint_of_another_config_is_refused(tmp_path):
+    path = tmp_path / "x.ckpt"
+    Checkpointer(path, fingerprint="aaa").save({"position": {"task": 0, "task_step": 0, "step": 0}})
+    with pytest.raises(CheckpointError, match="another configuration"):
+        Checkpointer(path, resume=True, fingerprint="bbb").load()
+
+
+def _retain(*args: str) -> list[str]:
+    return [sys.executable, "-m", "retain.cli", *args]
+
+
+def test_sigkill_mid_task_then_resume_equals_uninterrupted(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    common = ["run", "--benchmark", "split-digits", "--method", "er", "--epochs", "12", "--seed", "1", "--quiet"]
+    db = tmp_path / "k.db"
+    ckdir = tmp_path / "k.db.checkpoints"
+    proc = subprocess.Popen(_retain(*common, "--store", str(db), "--checkpoint-every", "3",
+                                    "--json", str(tmp_path / "killed.json")), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (ckdir.exists() and any(ckdir.glob("*.ckpt"))):
+        assert proc.poll() is None, "the run ended before writing a checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed.json").exists()
+    with Store(db) as s:
+        (rec,) = s.runs()
+        assert rec["status"] == "running"  # killed, never finished
+    (ck,) = ckdir.glob("*.ckpt")
+    position = checkpoint.load(ck)["position"]
+    assert position["step"] > 0
+
+    out = subprocess.run(_retain(*common, "--store", str(db), "--resume", "--json", str(tmp_path / "resumed.json")),
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "resumed from the checkpoint" in out.stderr
+    torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1)
+    plain = retain.run(benchmark="split-digits", method="er", epochs=12, seed=1).to_dict()
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    assert resumed["accuracy_matrix"] == plain["accuracy_matrix"]
+    assert resumed["baseline"] == plain["baseline"]
+    with Store(db) as s:
+        (rec,) = s.runs()
+        assert rec["status"] == "done" and rec["accuracy_matrix"] == plain["accuracy_matrix"]
+    assert not any(ckdir.glob("*.ckpt"))  # finished: the checkpoint is gone
