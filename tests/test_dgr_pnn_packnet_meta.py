@@ -403,3 +403,14 @@ def test_mer_and_oml_beat_finetuning_on_digits():
     mer = retain.run(method="mer", params={"alpha": 0.1, "beta": 0.3, "buffer_size": 200}, **kw).metrics["acc"]
     oml = retain.run(method="oml", params={"inner_steps": 1, "buffer_size": 200}, **kw).metrics["acc"]
     assert base < 0.25 and mer > base + 0.4 and oml > base + 0.2, (base, mer, oml)
+
+
+@pytest.mark.parametrize("name", ["dgr", "pnn", "packnet", "oml", "mer"])
+def test_every_method_runs_in_every_mode_it_declares(name):
+    cls = retain.method.methods()[name]
+    for mode in cls.modes:
+        sc = tiny_split(mode, n_tasks=2)
+        params = {"dgr": {"fc_units": 8, "z_dim": 2}, "oml": {"inner_steps": 1}}.get(name, {})
+        torch.manual_seed(0)
+        out = train(sc, create(name, params), MLP(8, sc.n_outputs, (8,)), TrainConfig(iterations=3, batch_size=8))
+        assert not torch.isnan(torch.tensor(out.accuracy_matrix)).any()

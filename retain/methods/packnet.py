@@ -43,20 +43,24 @@ class PackNet(Method):
 
     Deviations: retraining uses the run's optimizer and learning rate (the paper retrains at a lower one, e.g. a
     tenth); the paper also prunes after the last task only when more tasks may follow — here every task is pruned
-    the same way, so each task's share is ``(1 - prune_ratio)`` of the weights that were free when it began.
+    the same way, so each task's share is ``(1 - prune_ratio)`` of the weights that were free when it began;
+    ``retrain_iterations`` (not in the paper) bounds retraining in steps for single-pass protocols.
     """
 
     prune_ratio: float = param(0.5, "fraction of a task's free weights released after it (pruning ratio)")
     retrain_epochs: int = param(1, "epochs of retraining the kept weights after pruning")
+    retrain_iterations: int = param(0, "if > 0: retrain for this many steps instead of retrain_epochs epochs")
 
     modes = ("task",)
     needs_boundaries = True
+    # Permuted-MNIST is a single-pass protocol (A-GEM): retrain 100 steps instead of a whole extra epoch.
+    presets = {"permuted-mnist/task": {"retrain_iterations": 100}}
 
     def __post_init__(self) -> None:
         if not 0.0 < self.prune_ratio < 1.0:
             raise ConfigError(f"packnet: prune_ratio must be in (0, 1), got {self.prune_ratio}")
-        if self.retrain_epochs < 0:
-            raise ConfigError(f"packnet: retrain_epochs must be >= 0, got {self.retrain_epochs}")
+        if self.retrain_epochs < 0 or self.retrain_iterations < 0:
+            raise ConfigError("packnet: retrain_epochs and retrain_iterations must be >= 0")
         self.owner: dict[str, Tensor] = {}  # prunable weight name -> owner task per element (FREE = -1)
         self.head_owner: dict[str, Tensor] = {}  # head weight / bias name -> owner task per output row
         self.trainable: dict[str, Tensor] = {}  # name -> bool mask of the elements the current phase may move
@@ -126,9 +130,15 @@ class PackNet(Method):
                 p.view(-1)[released] = 0.0
                 kept[name] = n_keep
         self.kept.append(kept)
-        if self.retrain_epochs > 0:
+        data = ctx.scenario.task_data(task)
+        if self.retrain_iterations > 0:
             self._phase(ctx, retraining=True)
-            ctx.fit(ctx.scenario.task_data(task), self.retrain_epochs, ctx.make_optimizer())
+            ctx.optimizer = ctx.make_optimizer()
+            for batch in ctx.batches(data, iterations=self.retrain_iterations, seed=ctx.config.seed * 31 + task):
+                self.observe(ctx, batch)
+        elif self.retrain_epochs > 0:
+            self._phase(ctx, retraining=True)
+            ctx.fit(data, self.retrain_epochs, ctx.make_optimizer())
         for owner in self.head_owner.values():
             owner[ctx.scenario.task_out[task] & (owner == FREE)] = task
         self.done = task + 1

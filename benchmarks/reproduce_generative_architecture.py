@@ -1,0 +1,184 @@
+"""Reproduce issue 7's methods beside their published numbers: DGR and DGR + distill (P1, three modes), PNN and
+PackNet (task-IL Split-MNIST; Permuted-MNIST in the A-GEM style), MER and OML (Rotated-MNIST, MER's online
+protocol), each with fine-tuning under the same settings, and the time and memory each method costs.
+
+    python benchmarks/reproduce_generative_architecture.py --data-dir ../shared/data/mnist            # full
+    python benchmarks/reproduce_generative_architecture.py --group dgr --iterations 500 --seeds 0,1   # reduced
+
+Every run appends one JSON line to ``--out``; ``--summarise FILE`` prints the tables again from such a file.
+Reported: mean ± std over seeds of the final average accuracy (ACC, %), BWT (points), train seconds, the
+parameters the method trains or stores (classifier, PNN columns, VAE generator, PackNet owner tables in bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import retain
+
+# Published final average accuracy (%). P1: van de Ven et al., arXiv 1809.10635 Table 3 (mean ± SEM, 20 seeds).
+PUBLISHED = {
+    ("p1", "finetune", "task"): "85.15 ± 1.00", ("p1", "finetune", "domain"): "57.33 ± 1.66",
+    ("p1", "finetune", "class"): "19.90 ± 0.02",
+    ("p1", "dgr", "task"): "99.47 ± 0.03", ("p1", "dgr", "domain"): "95.74 ± 0.23",
+    ("p1", "dgr", "class"): "91.24 ± 0.33",
+    ("p1", "dgr+distill", "task"): "99.59 ± 0.03", ("p1", "dgr+distill", "domain"): "96.94 ± 0.14",
+    ("p1", "dgr+distill", "class"): "91.84 ± 0.27",
+    # A-GEM (Chaudhry et al. 2019) Permuted-MNIST, 17 evaluated tasks, MLP 256-256, one pass, batch 10
+    ("permuted", "pnn", "task"): "93.5 (forgetting 0)", ("permuted", "finetune", "task"): "47.9 (single head)",
+    # Riemer et al. 2019, MNIST Rotations, 20 tasks x 1000 examples, 5120 memories (as recalled, not re-checked)
+    ("rotated", "mer", "domain"): "89.56 ± 0.11 (5120 memories)",
+}
+
+
+def groups(args: argparse.Namespace) -> dict[str, list[dict]]:
+    """Run specifications per group: (label, benchmark, method, mode, params, run overrides)."""
+    it = args.iterations
+    p1 = {"benchmark": "split-mnist", "iterations": it}
+    out: dict[str, list[dict]] = {"dgr": [], "arch": [], "permuted": [], "rotated": []}
+    for mode in ("task", "domain", "class"):
+        out["dgr"] += [
+            {"protocol": "p1", "label": "finetune", "method": "finetune", "mode": mode, **p1},
+            {"protocol": "p1", "label": "dgr", "method": "dgr", "mode": mode, "params": {"distill": False}, **p1},
+            {"protocol": "p1", "label": "dgr+distill", "method": "dgr", "mode": mode,
+             "params": {"distill": True}, **p1},
+        ]
+    for label in ("pnn", "packnet"):  # fine-tuning task-IL is in the dgr group
+        out["arch"].append({"protocol": "p1", "label": label, "method": label, "mode": "task", **p1})
+    # A-GEM-style Permuted-MNIST with task ids (PNN and PackNet need them): MLP 256-256, SGD 0.1, batch 10
+    agem = {"benchmark": "permuted-mnist", "mode": "task", "n_tasks": args.permuted_tasks, "hidden": (256, 256),
+            "optimizer": "sgd", "lr": 0.1, "batch_size": 10, "iterations": args.permuted_iterations}
+    for label in ("finetune", "pnn", "packnet"):
+        extra = {"params": {"retrain_iterations": max(1, args.permuted_iterations // 5)}} if label == "packnet" else {}
+        out["permuted"].append({"protocol": "permuted", "label": label, "method": label, **agem, **extra})
+    # MER's online protocol on Rotated-MNIST: 1000 examples per task, MLP 100-100, SGD; batches of 10 examples
+    rot = {"benchmark": "rotated-mnist", "mode": "domain", "n_tasks": args.rotated_tasks, "hidden": (100, 100),
+           "optimizer": "sgd", "lr": 0.1, "batch_size": 10, "iterations": 100}
+    out["rotated"] = [
+        {"protocol": "rotated", "label": "finetune", "method": "finetune", **rot},
+        {"protocol": "rotated", "label": "mer", "method": "mer",
+         "params": {"beta": 0.3, "gamma": 1.0, "batches_per_example": 1, "replay_batch": 10,
+                    "buffer_size": args.buffer}, **rot},
+        {"protocol": "rotated", "label": "oml", "method": "oml",
+         "params": {"inner_steps": 1, "inner_lr": 0.1, "outer_lr": 0.1, "buffer_size": args.buffer}, **rot},
+    ]
+    return out
+
+
+def sizes(method: retain.method.Method, model_params: int) -> dict:
+    """What the method trains or keeps beyond the data: parameter counts and mask / buffer bytes."""
+    got: dict = {"model_params": model_params}
+    if method.name == "pnn":  # the columns replace the model
+        got["model_params"] = method.param_counts[-1]
+        got["param_growth"] = method.param_counts
+    if method.name == "dgr":
+        got["generator_params"] = method.generator_parameters()
+    if method.name == "packnet":
+        got["mask_bytes"] = sum(method.mask_sizes().values())
+        got["kept_per_task"] = [sum(k.values()) for k in method.kept]
+    if method.name in ("mer", "oml"):
+        mem = method.memory
+        got["buffer_rows"] = len(mem)
+        got["buffer_bytes"] = 0 if mem.x is None else mem.x.numel() * mem.x.element_size()
+    return got
+
+
+def run_one(spec: dict, seed: int, data_dir: str | None) -> dict:
+    spec = dict(spec)
+    protocol, label, params = spec.pop("protocol"), spec.pop("label"), spec.pop("params", {})
+    name = spec.pop("method")
+    method = retain.method.create(name, params, preset=f"{spec['benchmark']}/{spec['mode']}")
+    t0 = time.perf_counter()
+    result = retain.run(method=method, seed=seed, data_dir=data_dir, **spec)
+    wall = time.perf_counter() - t0
+    c = result.config
+    sc = retain.benchmarks.scenario(c["benchmark"], c["mode"], c["n_tasks"], seed, data_dir)
+    model = retain.models.build_model(c["arch"], sc.input_shape, sc.n_outputs, tuple(c["hidden"]))
+    info = sizes(method, sum(p.numel() for p in model.parameters()))
+    return {"protocol": protocol, "label": label, "mode": spec["mode"], "seed": seed, "params": method.params(),
+            "config": {k: v for k, v in c.items() if k in (
+                "benchmark", "n_tasks", "hidden", "epochs", "iterations", "batch_size", "optimizer", "lr")},
+            "acc": result.metrics["acc"], "bwt": result.metrics["bwt"], "forgetting": result.metrics["forgetting"],
+            "R": result.accuracy_matrix, "train_s": result.timings["train_s"], "eval_s": result.timings["eval_s"],
+            "wall_s": wall, "peak_rss_mb": result.peak_memory_mb, **info}
+
+
+def summarise(rows: list[dict]) -> str:
+    keys: dict[tuple, list[dict]] = {}
+    done = set()
+    for r in rows:  # the same run listed twice (fine-tuning in two groups) counts once
+        key = (r["protocol"], r["label"], r["mode"], r["seed"], json.dumps(r["config"], sort_keys=True))
+        if key not in done:
+            done.add(key)
+            keys.setdefault((r["protocol"], r["label"], r["mode"]), []).append(r)
+    lines = ["| protocol | method | mode | seeds | ACC % (mean ± std) | published | BWT | train s | "
+             "params / generator / masks |", "|---|---|---|---|---|---|---|---|---|"]
+    for (protocol, label, mode), rs in keys.items():
+        accs = [100 * r["acc"] for r in rs]
+        bwts = [100 * r["bwt"] for r in rs]
+        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        mem = f"{rs[0]['model_params']:,}"
+        if "generator_params" in rs[0]:
+            mem += f" / VAE {rs[0]['generator_params']:,}"
+        if "mask_bytes" in rs[0]:
+            mem += f" / masks {rs[0]['mask_bytes']:,} B"
+        if "param_growth" in rs[0]:
+            mem += " (columns: " + ", ".join(f"{n:,}" for n in rs[0]["param_growth"]) + ")"
+        if "buffer_rows" in rs[0]:
+            mem += f" / buffer {rs[0]['buffer_rows']} rows"
+        c = rs[0]["config"]
+        what = f"{c['benchmark']} it={c['iterations']} bs={c['batch_size']}"
+        lines.append(f"| {protocol} ({what}) | {label} | {mode} | {len(rs)} | {statistics.mean(accs):.2f} ± {sd:.2f} "
+                     f"| {PUBLISHED.get((protocol, label, mode), '—')} | {statistics.mean(bwts):+.2f} "
+                     f"| {statistics.mean(r['train_s'] for r in rs):.0f} | {mem} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--group", default="dgr,arch,permuted,rotated", help="comma-separated: dgr, arch, permuted, "
+                    "rotated")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--iterations", type=int, default=2000, help="P1 iterations per task (published: 2000)")
+    ap.add_argument("--permuted-tasks", type=int, default=20)
+    ap.add_argument("--permuted-iterations", type=int, default=6000, help="batches of 10 per task (6000 = 1 pass)")
+    ap.add_argument("--rotated-tasks", type=int, default=20)
+    ap.add_argument("--buffer", type=int, default=500, help="MER / OML reservoir size")
+    ap.add_argument("--only", default="", help="comma-separated method labels to keep (e.g. dgr,finetune)")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--out", default="reproduce_generative_architecture.jsonl")
+    ap.add_argument("--summarise", default=None, help="print the tables of an existing JSONL file and exit")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    if args.summarise:
+        rows = [json.loads(line) for line in Path(args.summarise).read_text().splitlines() if line.strip()]
+        print(summarise(rows))
+        return
+    torch.set_num_threads(args.threads)
+    specs = groups(args)
+    only = set(filter(None, args.only.split(",")))
+    rows = []
+    for g in args.group.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            for spec in specs[g]:
+                if only and spec["label"] not in only:
+                    continue
+                row = run_one(spec, seed, args.data_dir)
+                rows.append(row)
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(f"{row['protocol']:9s} {row['label']:12s} {row['mode']:6s} seed {seed}: ACC "
+                      f"{100 * row['acc']:.2f}  BWT {100 * row['bwt']:+.2f}  train {row['train_s']:.0f} s",
+                      flush=True)
+    print(summarise(rows))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
