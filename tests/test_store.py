@@ -59,7 +59,7 @@ def _writer(path: str, worker: int, n: int) -> None:
 def test_concurrent_writers_lose_nothing(tmp_path):
     path = str(tmp_path / "c.db")
     Store(path).close()
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("fork")  # the writers only use sqlite: forking is safe and fast
     procs = [ctx.Process(target=_writer, args=(path, w, 25)) for w in range(4)]
     for p in procs:
         p.start()
