@@ -45,13 +45,22 @@ def open_store(args: argparse.Namespace, create: bool = True):
     return Store(args.store, create=create)
 
 
-def executor_for(args: argparse.Namespace):
-    from retain.executors import make_executor
-
+def check_exec_args(args: argparse.Namespace) -> None:
+    """Refuse inconsistent execution options before anything is built or written."""
     if args.executor == "ray" and not args.address:
         raise ConfigError("--executor ray needs --address HOST:PORT (the head node, e.g. 127.0.0.1:6379)")
     if args.executor != "ray" and args.address:
         raise ConfigError("--address is for --executor ray")
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        raise ConfigError(f"--checkpoint-every must be at least 1 step, got {args.checkpoint_every}")
+
+
+def executor_for(args: argparse.Namespace):
+    from retain.executors import make_executor
+
+    check_exec_args(args)
     return make_executor(args.executor, args.workers, args.address)
 
 
@@ -105,6 +114,7 @@ def _run(args: argparse.Namespace, jobs: list, store: Any, experiment: str, labe
 def cmd_compare(args: argparse.Namespace) -> int:
     from retain import experiments as ex
 
+    check_exec_args(args)
     if args.methods is None:
         methods, missing = ex.available(ex.CLASSIC)
         if missing:
@@ -138,6 +148,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_orders(args: argparse.Namespace) -> int:
     from retain import experiments as ex
 
+    check_exec_args(args)
     methods = _list(args.methods, "--methods") if args.methods else ex.available(("finetune", "ewc", "er"))[0]
     ex.ensure_methods(methods)
     if args.random_orders < 0:
@@ -147,6 +158,8 @@ def cmd_orders(args: argparse.Namespace) -> int:
     base = run_config(args, method="finetune")
     base.params = {}
     seeds = _seeds(args.seeds, 1)
+    for m in methods:  # every method's configuration checked before the difficulty runs start
+        ex.make_job(base, method=m, params={**common, **per.get(m, {})})
     store = open_store(args)
     name = args.name or f"orders {base.benchmark}"
     diff = _run(args, ex.difficulty_jobs(base, seeds), store, name, "difficulty ")
@@ -182,6 +195,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from retain import experiments as ex
     from retain.api import RunConfig
 
+    check_exec_args(args)
     data = config_file.load(args.file)
     base = RunConfig(data_dir=args.data_dir, download=args.download)
     sweep = ex.parse_sweep(data, args.file, base)
@@ -220,6 +234,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from retain.api import RunConfig
     from retain.method import methods as registry
 
+    check_exec_args(args)
     proto = reproduce.get(args.name)
     settings = dict(proto.settings)
     n_seeds = proto.seeds
