@@ -132,3 +132,37 @@ def test_sigkill_mid_task_then_resume_equals_uninterrupted(tmp_path):
         (rec,) = s.runs()
         assert rec["status"] == "done" and rec["accuracy_matrix"] == plain["accuracy_matrix"]
     assert not any(ckdir.glob("*.ckpt"))  # finished: the checkpoint is gone
+
+
+def test_experiments_resume_unfinished_runs_automatically(tmp_path, monkeypatch):
+    from retain.api import RunConfig
+    from retain.experiments import checkpoint_dir, make_job, run_jobs
+
+    job = make_job(RunConfig(benchmark="split-digits", epochs=2, n_tasks=3), method="er")
+    save, load = Checkpointer.save, Checkpointer.load
+
+    def dies(self, state):  # the process "dies" right after a mid-task checkpoint
+        save(self, state)
+        if state["position"]["task"] == 1 and state["position"]["task_step"] > 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpointer, "save", dies)
+    with Store(tmp_path / "s.db") as s:
+        with pytest.raises(KeyboardInterrupt):
+            run_jobs([job], s, quiet=True, checkpoint_every=5)
+        assert s.get(job.hash)["status"] == "running"
+        assert (checkpoint_dir(s) / f"{job.hash}.ckpt").exists()
+        monkeypatch.setattr(Checkpointer, "save", save)
+        resumed_from = []
+
+        def spy(self, map_location="cpu"):
+            state = load(self, map_location)
+            resumed_from.append(self.resumed_from)
+            return state
+
+        monkeypatch.setattr(Checkpointer, "load", spy)
+        (rec,) = run_jobs([job], s, quiet=True, checkpoint_every=5)  # started again: continues
+    assert resumed_from and resumed_from[0]["task"] == 1
+    torch.set_num_threads(1)
+    plain = retain.run(job.config)
+    assert rec["status"] == "done" and rec["accuracy_matrix"] == plain.accuracy_matrix
