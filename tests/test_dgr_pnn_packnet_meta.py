@@ -414,3 +414,29 @@ def test_every_method_runs_in_every_mode_it_declares(name):
         torch.manual_seed(0)
         out = train(sc, create(name, params), MLP(8, sc.n_outputs, (8,)), TrainConfig(iterations=3, batch_size=8))
         assert not torch.isnan(torch.tensor(out.accuracy_matrix)).any()
+
+
+def test_observe_owners_keep_their_partners_hooks_in_a_compose():
+    from dataclasses import dataclass, field
+
+    from retain.method import Compose, Method
+
+    @dataclass
+    class Counter(Method):
+        calls: list = field(default_factory=list)
+
+        def penalty(self, ctx, batch, out):
+            self.calls.append("penalty")
+            return out.sum() * 0.0
+
+        def before_update(self, ctx):
+            self.calls.append("before")
+
+        def after_update(self, ctx, batch, out):
+            self.calls.append("after")
+
+    sc = tiny_split("class", n_tasks=2)
+    for owner in (create("dgr", {"fc_units": 8, "z_dim": 2}), create("oml", {"inner_steps": 1})):
+        counter = Counter()
+        train(sc, Compose(owner, counter), MLP(8, sc.n_outputs, (8,)), TrainConfig(iterations=2, batch_size=8))
+        assert counter.calls == ["penalty", "before", "after"] * 4, type(owner).__name__

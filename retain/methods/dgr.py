@@ -94,18 +94,23 @@ class DGR(Method):
         self.gen_optimizer = torch.optim.Adam(self.generator.parameters(), lr=self.gen_lr or c.lr, betas=c.betas)
 
     def observe(self, ctx: Any, batch: Batch) -> Tensor:
+        # The other hooks go through ctx.method, so that DGR inside a Compose (e.g. with EWC) keeps its partners'
+        # penalties and update hooks.
         weight_current = 1.0 / (ctx.task + 1)
-        out = self.forward(ctx, batch.x, batch.t)
+        out = ctx.forward(batch.x, batch.t)
         loss = ctx.loss(out, batch)
         replay = None
         if self.old_model is not None and ctx.task > 0:
             replay = self.replay(ctx, max(1, round(self.replay_ratio * len(batch))))
             loss = weight_current * loss + (1 - weight_current) * self.replay_loss(ctx, replay)
+        extra = ctx.method.penalty(ctx, batch, out)
+        if extra is not None:
+            loss = loss + extra
         ctx.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.before_update(ctx)
+        ctx.method.before_update(ctx)
         ctx.optimizer.step()
-        self.after_update(ctx, batch, out)
+        ctx.method.after_update(ctx, batch, out)
         self._generator_step(ctx, batch.x, None if replay is None else replay.x, weight_current)
         return loss.detach()
 
@@ -123,7 +128,7 @@ class DGR(Method):
     def replay_loss(self, ctx: Any, replay: Batch) -> Tensor:
         # The loss spans the outputs active now (class-IL: the new classes too, with target probability 0), so
         # replayed inputs also push the new classes' scores down; only the labels are restricted to old outputs.
-        logits = masked(self.forward(ctx, replay.x, replay.t), ctx.mask(replay.t))
+        logits = masked(ctx.forward(replay.x, replay.t), ctx.mask(replay.t))
         if replay.soft is None:
             return F.cross_entropy(logits, replay.y)
         T = self.temperature

@@ -130,7 +130,7 @@ class MER(Method):
         return torch.stack(losses).mean()
 
     def _sgd(self, ctx: Any, params: list[torch.nn.Parameter], row: Batch, lr: float) -> Tensor:
-        loss = ctx.loss(self.forward(ctx, row.x, row.t), row)
+        loss = ctx.loss(ctx.forward(row.x, row.t), row)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         with torch.no_grad():
             for p, g in zip(params, grads):

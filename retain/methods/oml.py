@@ -73,13 +73,16 @@ class OML(Method):
         loss = ctx.loss(out, batch)
         replay = self.memory.sample(len(batch), ctx.rng)
         if replay is not None:
-            loss = loss + ctx.loss(self.forward(ctx, replay.x, replay.t), replay)
+            loss = loss + ctx.loss(ctx.forward(replay.x, replay.t), replay)
+        extra = ctx.method.penalty(ctx, batch, out)  # partners' hooks when composed (ctx.method is the whole)
+        if extra is not None:
+            loss = loss + extra
         for group in ctx.optimizer.param_groups:
             group["lr"] = self.outer_lr
         ctx.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.before_update(ctx)
+        ctx.method.before_update(ctx)
         ctx.optimizer.step()
-        self.after_update(ctx, batch, out)
+        ctx.method.after_update(ctx, batch, out)
         self.memory.add(batch.x, batch.y, batch.t, ctx.rng)
         return loss.detach()
