@@ -15,7 +15,7 @@ from torch import nn
 
 import retain
 from retain.errors import ConfigError
-from retain.method import create
+from retain.method import Compose, Method, create
 from retain.methods.ewc import EWC, OnlineEWC
 from retain.methods.lwf import LwF, distillation
 from retain.methods.mas import MAS
@@ -371,6 +371,17 @@ def test_class_il_warns_once():
     assert len([w for w in r.warnings if "class-IL" in w]) == 1
     r = retain.run(benchmark="split-digits", mode="task", method="si", iterations=3)
     assert not [w for w in r.warnings if "class-IL" in w]
+    # inside a hybrid (e.g. EWC + replay) the warning would be wrong: only a method running alone warns
+    for cls in (EWC, SI, MAS, LwF):
+        part = cls()
+        ctx = stub(nn.Linear(2, 2), "class")
+        ctx.task = 0
+        ctx.method = Compose(Method(), part)
+        part.begin_task(ctx)
+        assert not ctx.warnings
+        ctx.method = part
+        part.begin_task(ctx)
+        assert len(ctx.warnings) == 1
 
 
 @pytest.mark.parametrize("name,params", [

@@ -22,7 +22,7 @@ class EWC(Method):
     Kirkpatrick et al. 2017, "Overcoming catastrophic forgetting in neural networks", PNAS 114(13), eq. 3;
     online EWC: Schwarz et al. 2018, "Progress & compress", ICML (F ← γF + F_new, one anchor).
 
-    Hooks: ``begin_task`` (the class-IL warning), ``penalty``, ``end_task`` (Fisher and anchor).
+    Hooks: ``begin_task`` (the class-IL warning, when run alone), ``penalty``, ``end_task`` (Fisher and anchor).
 
     * F is the diagonal Fisher information of the task just trained, the **mean over samples of per-sample
       squared gradients** of log p(y|x), computed in chunks with ``torch.func`` (:mod:`retain.ops.fisher`);
@@ -68,7 +68,7 @@ class EWC(Method):
         self.penalties: list[tuple[Params, Params]] = []  # (F_t, θ*_t); online: a single running pair
 
     def begin_task(self, ctx: Any) -> None:
-        if ctx.scenario.mode == "class":
+        if ctx.scenario.mode == "class" and getattr(ctx, "method", self) is self:  # alone, not in a hybrid
             ctx.warn(f"{self.name} is regularisation-only: in class-IL the papers (van de Ven et al. 2019, Hsu et "
                      "al. 2018) find it no better than fine-tuning; expect fine-tuning's accuracy")
 

@@ -71,7 +71,7 @@ class LwF(Method):
         self.old_tasks: list[int] = []
 
     def begin_task(self, ctx: Any) -> None:
-        if ctx.scenario.mode == "class":
+        if ctx.scenario.mode == "class" and getattr(ctx, "method", self) is self:  # alone, not in a hybrid
             ctx.warn("lwf is regularisation-only: in class-IL the papers (van de Ven et al. 2019, Hsu et al. 2018) "
                      "find it barely better than fine-tuning; expect close to fine-tuning's accuracy")
         if ctx.task == 0:

@@ -68,7 +68,7 @@ class SI(Method):
         self._before: Params = {}
 
     def begin_task(self, ctx: Any) -> None:
-        if ctx.scenario.mode == "class":
+        if ctx.scenario.mode == "class" and getattr(ctx, "method", self) is self:  # alone, not in a hybrid
             ctx.warn("si is regularisation-only: in class-IL the papers (van de Ven et al. 2019, Hsu et al. 2018) "
                      "find it no better than fine-tuning; expect fine-tuning's accuracy")
         self.start = snapshot(ctx.model)
