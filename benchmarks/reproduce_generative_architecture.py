@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rotated-tasks", type=int, default=20)
     ap.add_argument("--buffer", type=int, default=500, help="MER / OML reservoir size")
     ap.add_argument("--only", default="", help="comma-separated method labels to keep (e.g. dgr,finetune)")
+    ap.add_argument("--modes", default="", help="comma-separated modes to keep, run in this order (e.g. class,task)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default="reproduce_generative_architecture.jsonl")
     ap.add_argument("--summarise", default=None, help="print the tables of an existing JSONL file and exit")
@@ -164,10 +165,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     specs = groups(args)
     only = set(filter(None, args.only.split(",")))
+    modes = list(filter(None, args.modes.split(",")))
     rows = []
     for g in args.group.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
-            for spec in specs[g]:
+            chosen = [s for s in specs[g] if not modes or s["mode"] in modes]
+            chosen.sort(key=lambda s: modes.index(s["mode"]) if modes else 0)
+            for spec in chosen:
                 if only and spec["label"] not in only:
                     continue
                 row = run_one(spec, seed, args.data_dir)
