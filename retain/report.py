@@ -191,7 +191,7 @@ def _experiment_blocks(name: str, records: list[dict[str, Any]], slug: str) -> l
                                  f"{sum(r['status'] == 'running' for r in records)} unfinished.")]
     if not done:
         return blocks
-    groups = _group(done)
+    groups = dict(sorted(_group(done).items()))
     names = list(groups)
     vals = {n: [record_values(r) for r in groups[n]] for n in names}
     body = []
@@ -200,7 +200,9 @@ def _experiment_blocks(name: str, records: list[dict[str, Any]], slug: str) -> l
         stats[n] = {m: _stats([v.get(m, math.nan) for v in vals[n]])
                     for m in ("acc", "bwt", "fwt", "forgetting", "train_s", "peak_mb")}
         s = stats[n]
-        pct = lambda t: f"{100 * t[0]:.2f} ± {100 * t[1]:.2f}" if math.isfinite(t[0]) else "—"  # noqa: E731
+        many = len(groups[n]) > 1
+        pct = lambda t, many=many: (f"{100 * t[0]:.2f}" + (f" ± {100 * t[1]:.2f}" if many else "")  # noqa: E731
+                                    if math.isfinite(t[0]) else "—")
         body.append([n, str(len(groups[n])), pct(s["acc"]), pct(s["bwt"]), pct(s["fwt"]), pct(s["forgetting"]),
                      f"{s['train_s'][0]:.2f}", f"{s['peak_mb'][0]:.0f}" if math.isfinite(s["peak_mb"][0]) else "—"])
     blocks.append(("table", ["variant", "runs", "ACC %", "BWT", "FWT", "forgetting", "train s", "peak MB"], body))
