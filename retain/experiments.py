@@ -184,8 +184,9 @@ def run_jobs(jobs: Sequence[Job], store: Store, executor: Executor | None = None
     bar = Overall(len(todo), label, enabled=not quiet)
     for i, job in todo.values():
         bar.labels[i] = job.label
+    # Unfinished runs continue from their checkpoints; --force means from scratch.
     options = {"checkpoint_dir": str(checkpoint_dir(store)), "checkpoint_every": checkpoint_every,
-               "resume": True}
+               "resume": not force}
     by_index = {i: (h, job) for h, (i, job) in todo.items()}
     try:
         for index, outcome in executor.map([(i, job.spec) for i, (h, job) in sorted(by_index.items())], options,
