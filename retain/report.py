@@ -27,7 +27,12 @@ Block = tuple  # ("h", level, text) | ("p", text) | ("table", head, body) | ("im
 
 
 def _plt():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        from retain.errors import ConfigError
+
+        raise ConfigError("retain report draws its plots with matplotlib: pip install matplotlib") from None
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
