@@ -440,3 +440,33 @@ def test_observe_owners_keep_their_partners_hooks_in_a_compose():
         counter = Counter()
         train(sc, Compose(owner, counter), MLP(8, sc.n_outputs, (8,)), TrainConfig(iterations=2, batch_size=8))
         assert counter.calls == ["penalty", "before", "after"] * 4, type(owner).__name__
+
+
+@pytest.mark.parametrize("name, mode, params", [
+    ("pnn", "task", {}), ("packnet", "task", {}), ("dgr", "class", {"fc_units": 8, "z_dim": 2}),
+    ("mer", "class", {}), ("oml", "class", {"inner_steps": 1}),
+])
+def test_resume_from_a_checkpoint_gives_the_same_matrix(tmp_path, name, mode, params):
+    """Columns, masks, generators, frozen copies and reservoirs all come back from a checkpoint."""
+    import shutil
+
+    from retain.checkpoint import Checkpointer
+
+    class Recording(Checkpointer):
+        def __init__(self, path, every=None):
+            super().__init__(path, every)
+            self.copies = []
+
+        def save(self, state):
+            super().save(state)
+            self.copies.append(self.path.with_name(f"copy{len(self.copies)}.ckpt"))
+            shutil.copy(self.path, self.copies[-1])
+
+    kw = {"scenario": tiny_split(mode, n_tasks=3), "hidden": (8,), "epochs": 2, "batch_size": 16}
+    plain = retain.run(method=create(name, params), **kw)
+    rec = Recording(tmp_path / "run.ckpt", every=3)
+    assert retain.run(method=create(name, params), checkpointer=rec, **kw).accuracy_matrix == plain.accuracy_matrix
+    for saved in (rec.copies[2], rec.copies[-3]):  # mid-task in task 0 and in a later task
+        ck = Checkpointer(saved, every=3, resume=True, keep=True)
+        resumed = retain.run(method=create(name, params), checkpointer=ck, **kw)
+        assert resumed.accuracy_matrix == plain.accuracy_matrix, ck.resumed_from
