@@ -3,8 +3,8 @@
 Protocols (../shared/PROTOCOLS.md):
 
 * ``hsu`` — P1, Hsu et al. 2018 Table 2: Split-MNIST in task-, domain- and class-IL; MLP 400-400, 4 epochs per
-  task, batch 128; fine-tuning and ER with Adam 1e-3, GEM with SGD 0.01; ER and GEM store 1,100 samples
-  (ER: class-balanced buffer of 1,100; GEM: 220 per task).
+  task, batch 128; fine-tuning and ER with Adam 1e-3, GEM with SGD 0.01 and margin 0.5; ER and GEM store
+  1,100 samples (ER: class-balanced buffer of 1,100; GEM: 1,100 shared by the finished tasks, as in Hsu's code).
 * ``agem`` — P2, the A-GEM paper's permuted MNIST: 20 permutations, the first 3 kept for tuning, training and
   metrics on the other 17; MLP 256-256, one pass, batch 10, SGD 0.1; 250 samples per task; domain-IL (one head).
 * ``der`` — P3, Buzzega et al. 2020 Seq-MNIST: class-IL, MLP 100-100, 1 epoch, batch 10, SGD, reservoir buffer
@@ -22,7 +22,7 @@ configurations already there), so a long run can be interrupted and resumed.
 
 Reduction flags (say which were used when quoting the numbers): ``--epochs`` (epochs per task instead of the
 protocol's), ``--train-per-task`` (a random subset of each task's training set, same subset for every method),
-``--tasks`` (A-GEM: fewer evaluated tasks), ``--only`` (methods), ``--buffers`` (DER: buffer sizes).
+``--tasks`` (A-GEM: fewer evaluated tasks), ``--only`` (methods), ``--modes`` (Hsu), ``--buffers`` (DER: buffer sizes).
 """
 
 from __future__ import annotations
@@ -64,11 +64,11 @@ def configs(a: argparse.Namespace) -> list[dict[str, Any]]:
     only = set(a.only.split(",")) if a.only else None
     keep = lambda m: only is None or m in only  # noqa: E731
     if "hsu" in protocols:
-        for mode in ("task", "domain", "class"):
+        for mode in a.modes.split(","):
             for method, opt, lr, params in (
                 ("finetune", "adam", 1e-3, {}),
                 ("er", "adam", 1e-3, {"buffer_size": 1100, "storage": "class_balanced"}),
-                ("gem", "sgd", 0.01, {"memory_per_task": 220, "margin": 0.5}),
+                ("gem", "sgd", 0.01, {"memory_size": 1100, "margin": 0.5}),
             ):
                 if keep(method):
                     out.append({"protocol": "hsu", "label": method, "column": mode, "method": method,
@@ -188,8 +188,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, help="epochs per task instead of the protocol's (a reduction)")
     ap.add_argument("--train-per-task", type=int, help="random subset of each task's training set (a reduction)")
     ap.add_argument("--tasks", type=int, help="A-GEM: evaluated tasks instead of 17 (a reduction)")
+    ap.add_argument("--modes", default="task,domain,class", help="Hsu: scenario modes")
     ap.add_argument("--buffers", default="200,500,5120", help="DER: buffer sizes")
-    ap.add_argument("--lambdas", default="100,10000,1000000", help="EWC + ER grid: λ values")
+    ap.add_argument("--lambdas", default="1000,1000000,1000000000", help="EWC + ER grid: λ values")
     ap.add_argument("--grid-buffers", default="200,1100", help="EWC + ER grid: buffer sizes")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (one thread each)")
     ap.add_argument("--out", default="replay_results.jsonl", help="JSON lines, appended; reruns skip done runs")

@@ -117,6 +117,13 @@ def test_projected_gradient_in_p_grad_respects_the_memory(name, mode):
     assert method.projections > 0  # the constraint was active at least once, so the check had teeth
 
 
+def test_gem_shared_memory_is_split_equally_over_finished_tasks():
+    method = create("gem", {"memory_size": 30})
+    r = retain.run(scenario=tiny_split("class", n_tasks=3), method=method, epochs=1, batch_size=8, hidden=(8,))
+    assert len(r.accuracy_matrix) == 3
+    assert method.memory.counts() == {0: 10, 1: 10, 2: 10}
+
+
 def test_der_stores_the_logits_of_insertion_time():
     method = create("der", {"buffer_size": 100, "alpha": 0.5})
     ctx = _ctx(method)
@@ -185,6 +192,7 @@ def test_selection_variants_run_and_beat_finetuning():
     ("er", {"buffer_size": -1}), ("er", {"buffer_size": 0}), ("er", {"per_class": -3}),
     ("er", {"selection": "best"}), ("er", {"storage": "fifo"}), ("er", {"replay_batch": -1}),
     ("er", {"weighting": "half"}), ("gem", {"memory_per_task": 0}), ("gem", {"margin": -0.1}),
+    ("gem", {"memory_size": -1}),
     ("agem", {"sample_size": 0}), ("agem", {"memory_per_task": -1}), ("der", {"alpha": -1}),
     ("der", {"buffer_size": 0}), ("derpp", {"beta": -0.5}), ("derpp", {"replay_batch": -2}),
 ])

@@ -27,8 +27,8 @@ def require_quadprog() -> None:
     try:
         import quadprog  # noqa: F401
     except ImportError:
-        raise ConfigError("gem needs the quadprog package for its quadratic program: pip install quadprog "
-                          "(or pip install 'retain[gem]')") from None
+        raise ConfigError("gem needs the quadprog package for its quadratic program; install it with "
+                          "pip install quadprog") from None
 
 
 def project_gem(g: Tensor, G: Tensor, margin: float = 0.0, eps: float = 1e-10) -> Tensor:
