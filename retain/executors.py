@@ -145,13 +145,19 @@ def _pool_execute(spec: dict[str, Any], options: dict[str, Any], index: int) -> 
 
 
 class LocalPool(Executor):
-    """A pool of ``workers`` processes on this machine (spawned: no state inherited from the driver)."""
+    """A pool of ``workers`` processes on this machine. Workers fork from a clean server process that has
+    imported retain once (``forkserver``; ``spawn`` where it is unavailable): nothing inherited from the
+    driver's state or threads, and torch imported once rather than once per worker."""
 
     name = "local"
 
     def __init__(self, workers: int):
         self.workers = workers
-        ctx = mp.get_context("spawn")
+        if "forkserver" in mp.get_all_start_methods():
+            ctx = mp.get_context("forkserver")
+            ctx.set_forkserver_preload(["retain.executors", "retain.api", "retain.benchmarks"])
+        else:
+            ctx = mp.get_context("spawn")
         self.queue = ctx.Queue()
         self.pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                                            initargs=(self.queue,))
