@@ -80,7 +80,7 @@ P1_HSU = Protocol(
         Row("SI", "si", {}, _p((98.56, 0.49), (64.76, 3.09), (19.67, 0.09))),
         Row("MAS", "mas", {}, _p((99.22, 0.21), (68.57, 6.85), (19.52, 0.29))),
         Row("Naive rehearsal (1,100)", "er", {"buffer_size": 1100}, _p((99.40, 0.08), (95.16, 0.49), (90.78, 0.85))),
-        Row("GEM (1,100)", "gem", {"buffer_size": 1100}, _p((98.42, 0.10), (96.16, 0.35), (92.20, 0.12)),
+        Row("GEM (1,100)", "gem", {"memory_size": 1100}, _p((98.42, 0.10), (96.16, 0.35), (92.20, 0.12)),
             {"optimizer": "sgd", "lr": 0.01}),
         Row("Offline (joint)", "joint", {}, _p((99.52, 0.16), (98.59, 0.15), (97.53, 0.30))),
     ],
@@ -121,14 +121,14 @@ P2_AGEM = Protocol(
         Row("EWC", "ewc", {}, {"domain": (68.3, None)}),
         Row("MAS", "mas", {}, {"domain": (69.6, None)}),
         Row("PNN", "pnn", {}, {"domain": (93.5, None)}),
-        Row("GEM", "gem", {"buffer_size": 250 * 17}, {"domain": (89.5, None)}),
-        Row("A-GEM", "agem", {"buffer_size": 250 * 17}, {"domain": (89.1, None)}),
+        Row("GEM", "gem", {"memory_per_task": 250}, {"domain": (89.5, None)}),
+        Row("A-GEM", "agem", {"memory_per_task": 250}, {"domain": (89.1, None)}),
         Row("Multi-task", "joint", {}, {"domain": (95.3, None)}),
     ],
     {"iterations": 200, "seeds": 1, "n_tasks": 6},
     spread="—",
     metric_tasks=3,
-    note="Buffer: 250 samples per task (given here as one total of 250 x 17).",
+    note="Episodic memory: 250 samples per task.",
 )
 
 P3 = Protocol(

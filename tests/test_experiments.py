@@ -220,8 +220,11 @@ def test_reproduce_prints_paper_numbers_and_skips_missing(tmp_path, capsys, monk
 @pytest.mark.parametrize("name", list(reproduce.PROTOCOLS))
 def test_protocol_registry_is_consistent(name):
     from retain import benchmarks
+    from retain.method import create, methods
 
     p = reproduce.PROTOCOLS[name]
     benchmarks.get(p.benchmark)
     for row in p.rows:
         assert set(row.published) <= set(p.modes)
+        if row.method in methods():  # the recorded hyper-parameters are ones the method takes
+            create(row.method, row.params)
