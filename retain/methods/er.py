@@ -74,12 +74,10 @@ class ER(Method):
             raise ConfigError(f"er: selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
         if self.weighting not in WEIGHTINGS:
             raise ConfigError(f"er: weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
+        # online insertion runs on a task-free stream; an end-of-task selection needs the boundaries
+        self.needs_boundaries = self.selection != "random"
         self.buffer = make_buffer(self.buffer_size, self.per_class, self.storage == "class_balanced"
                                   or self.selection != "random")
-
-    @property
-    def needs_boundaries(self) -> bool:  # type: ignore[override]
-        return self.selection != "random"
 
     # --------------------------------------------------------------------------------------------- hooks
     def augment(self, ctx: Any, batch: Batch) -> Batch:
