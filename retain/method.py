@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import pkgutil
 import typing
 from typing import Any, ClassVar
@@ -116,6 +117,15 @@ class Method:
         """What the optimizer trains (a method that adds modules of its own, e.g. a generator, extends this)."""
         return [p for p in model.parameters() if p.requires_grad]
 
+    def memory_estimate(self, scenario: Any) -> int:
+        """Bytes this method will hold beyond the model (replay buffers, episodic memories) on ``scenario``.
+
+        Not a hook: the trainer compares it with the memory available and refuses, before any training, a run
+        whose memory cannot fit (``buffer_size=10**12``). A method with a buffer reports it (see
+        :func:`row_bytes`); the default, 0, is right for methods whose state is the size of the model.
+        """
+        return 0
+
     # --------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """Everything but the hyper-parameters: Fisher, Ω, buffers, masks... (saved with checkpoints)."""
@@ -128,6 +138,15 @@ class Method:
 
 def public_name(field_name: str) -> str:
     return field_name.rstrip("_")
+
+
+def row_bytes(scenario: Any, logits: bool = False) -> int:
+    """Bytes of one stored replay row of ``scenario``: the prepared input (float32), target, task id, key and
+    priority (int64 each), and the ``logits`` (float32 per output) when the method keeps them."""
+    n_inputs = 1
+    for d in scenario.input_shape:
+        n_inputs *= int(d)
+    return 4 * n_inputs + 4 * 8 + (4 * int(scenario.n_outputs) if logits else 0)
 
 
 # --------------------------------------------------------------------------------------------------- Compose
@@ -224,6 +243,9 @@ class Compose(Method):
 
     def params(self) -> dict[str, Any]:
         return {k: v for m in self.methods for k, v in m.params().items()}
+
+    def memory_estimate(self, scenario: Any) -> int:
+        return sum(m.memory_estimate(scenario) for m in self.methods)
 
     def parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
         seen, out = set(), []
@@ -329,8 +351,8 @@ def _coerce(method: str, name: str, typ: Any, value: Any, choices: Any) -> Any:
     except (TypeError, ValueError):
         tname = getattr(typ, "__name__", str(typ))
         raise ConfigError(f"{method}: parameter {name} must be {tname}, got {value!r}") from None
-    if typ is float and out != out:
-        raise ConfigError(f"{method}: parameter {name} must be a number, got NaN")
+    if typ is float and not math.isfinite(out):
+        raise ConfigError(f"{method}: parameter {name} must be a finite number, got {value!r}")
     if choices and out not in choices:
         raise ConfigError(f"{method}: parameter {name} must be one of {', '.join(map(str, choices))}, got {out!r}")
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -68,8 +69,9 @@ class TrainConfig:
             raise ConfigError(f"learning rate must be a positive number, got {self.lr}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        if self.momentum < 0 or self.weight_decay < 0:
-            raise ConfigError("momentum and weight decay must be >= 0")
+        if not (self.momentum >= 0 and self.weight_decay >= 0 and math.isfinite(self.momentum + self.weight_decay)):
+            raise ConfigError(f"momentum and weight decay must be finite numbers >= 0, got {self.momentum} and "
+                              f"{self.weight_decay}")
         if not 0.0 <= self.blurry < 1.0:
             raise ConfigError(f"blurry must be in [0, 1), got {self.blurry}")
 
@@ -79,8 +81,10 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
-    except RuntimeError:
+    except (RuntimeError, ValueError, TypeError):
         raise ConfigError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {name!r} cannot train; use auto, cpu or cuda[:N]")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda asked for but no CUDA device is available; use --device cpu")
     return dev
@@ -213,14 +217,58 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def check_pairing(method: Method, scenario: Scenario, config: TrainConfig) -> None:
-    """Refuse, before any training, a method in a mode it does not support or a task-free run it cannot do."""
-    if scenario.mode not in method.modes:
-        raise ConfigError(f"{method.name} does not support {scenario.mode}-IL; it supports "
+def check_method(method: Method, mode: str, task_free: bool) -> None:
+    """Refuse a method in a mode it does not support, or on a task-free stream when it needs boundaries."""
+    if mode not in method.modes:
+        raise ConfigError(f"{method.name} does not support {mode}-IL; it supports "
                           f"{', '.join(method.modes)} (use --mode {method.modes[0]})")
-    if config.task_free and method.needs_boundaries:
+    if task_free and method.needs_boundaries:
         raise ConfigError(f"{method.name} needs task boundaries and cannot run on a task-free stream; "
                           "drop --task-free or pick a method that works without boundaries")
+
+
+def check_pairing(method: Method, scenario: Scenario, config: TrainConfig) -> None:
+    """Refuse, before any training, a method in a mode it does not support or a task-free run it cannot do."""
+    check_method(method, scenario.mode, config.task_free)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on ``device``: MemAvailable of /proc/meminfo (else the free pages) on the
+    CPU, the free device memory on CUDA; None when unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def check_memory(method: Method, scenario: Scenario, device: torch.device) -> None:
+    """Refuse, before any training, a method whose memory (``Method.memory_estimate``) cannot fit on ``device``."""
+    need = method.memory_estimate(scenario)
+    if need <= 0:
+        return
+    free = available_memory(device)
+    if free is not None and need > free:
+        memory = ", ".join(f"{k}={v}" for k, v in method.params().items()
+                           if any(h in k for h in ("buffer", "memory", "per_class"))) or "its memory size"
+        raise ConfigError(f"{method.name} would need about {_size(need)} for its memory ({memory}) but only "
+                          f"{_size(free)} is available on {device.type}; lower it")
 
 
 def train(scenario: Scenario, method: Method, model: nn.Module, config: TrainConfig,
@@ -235,6 +283,7 @@ def train(scenario: Scenario, method: Method, model: nn.Module, config: TrainCon
     config.validate()
     check_pairing(method, scenario, config)
     device = resolve_device(config.device)
+    check_memory(method, scenario, device)
     scenario = scenario.to(device)
     model.to(device)
     view = scenario.train_view()

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from retain.buffers import Buffer
 from retain.errors import ConfigError
-from retain.method import Method, param, register
+from retain.method import Method, param, register, row_bytes
 from retain.ops.qp import flat_grad, project_agem, write_grad
 from retain.scenarios import Batch
 
@@ -51,6 +51,9 @@ class AGEM(Method):
             raise ConfigError(f"agem: sample_size must be at least 1, got {self.sample_size}")
         self.memory = Buffer(per_class=self.memory_per_task)  # keyed by task
         self.projections = 0
+
+    def memory_estimate(self, scenario: Any) -> int:
+        return row_bytes(scenario) * self.memory_per_task * scenario.n_tasks
 
     def before_update(self, ctx: Any) -> None:
         old = [k for k in self.memory.tasks() if k != ctx.task]

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from retain.buffers import Buffer
 from retain.errors import ConfigError
-from retain.method import Method, param, register
+from retain.method import Method, param, register, row_bytes
 from retain.scenarios import Batch
 
 
@@ -50,6 +50,9 @@ class DER(Method):
         if self.replay_batch < 0:
             raise ConfigError(f"{self.name}: replay_batch must be >= 0 (0 = the batch size), got {self.replay_batch}")
         self.buffer = Buffer(self.buffer_size)
+
+    def memory_estimate(self, scenario: Any) -> int:
+        return row_bytes(scenario, logits=True) * self.buffer_size
 
     def penalty(self, ctx: Any, batch: Batch, out: Tensor) -> Tensor | None:
         if len(self.buffer) == 0:

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from retain.buffers import SELECTIONS, Buffer
 from retain.errors import ConfigError
-from retain.method import Method, param, register
+from retain.method import Method, param, register, row_bytes
 from retain.scenarios import Batch
 
 STORAGES = ("reservoir", "class_balanced")
@@ -78,6 +78,10 @@ class ER(Method):
         self.needs_boundaries = self.selection != "random"
         self.buffer = make_buffer(self.buffer_size, self.per_class, self.storage == "class_balanced"
                                   or self.selection != "random")
+
+    def memory_estimate(self, scenario: Any) -> int:
+        classes = scenario.n_outputs * (scenario.n_tasks if scenario.mode == "domain" else 1)
+        return row_bytes(scenario) * (self.per_class * classes if self.per_class else self.buffer_size)
 
     # --------------------------------------------------------------------------------------------- hooks
     def augment(self, ctx: Any, batch: Batch) -> Batch:

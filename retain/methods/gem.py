@@ -10,7 +10,7 @@ from torch import Tensor
 
 from retain.buffers import Buffer
 from retain.errors import ConfigError
-from retain.method import Method, param, register
+from retain.method import Method, param, register, row_bytes
 from retain.ops.qp import flat_grad, project_gem, require_quadprog, write_grad
 from retain.scenarios import Batch
 
@@ -74,6 +74,9 @@ class GEM(Method):
         self.memory = (Buffer(self.memory_size, balanced=True) if self.memory_size
                        else Buffer(per_class=self.memory_per_task))
         self.projections = 0  # steps whose gradient was projected (reported in docs/tests)
+
+    def memory_estimate(self, scenario: Any) -> int:
+        return row_bytes(scenario) * (self.memory_size or self.memory_per_task * scenario.n_tasks)
 
     def before_update(self, ctx: Any) -> None:
         old = [k for k in self.memory.tasks() if k != ctx.task]

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from retain.errors import ConfigError
-from retain.method import Method, param, register
+from retain.method import Method, param, register, row_bytes
 from retain.scenarios import Batch
 
 
@@ -104,6 +104,9 @@ class MER(Method):
         if self.buffer_size < 0 or self.alpha < 0:
             raise ConfigError("mer: buffer_size and alpha must be >= 0")
         self.memory = Reservoir(self.buffer_size)
+
+    def memory_estimate(self, scenario: Any) -> int:
+        return row_bytes(scenario) * self.buffer_size
 
     def observe(self, ctx: Any, batch: Batch) -> Tensor:
         params = [p for p in ctx.model.parameters() if p.requires_grad]

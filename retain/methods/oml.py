@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from retain.errors import ConfigError
-from retain.method import Method, param, register
+from retain.method import Method, param, register, row_bytes
 from retain.methods.mer import Reservoir
 from retain.scenarios import Batch
 
@@ -55,6 +55,9 @@ class OML(Method):
         if self.buffer_size < 0:
             raise ConfigError(f"oml: buffer_size must be >= 0, got {self.buffer_size}")
         self.memory = Reservoir(self.buffer_size)
+
+    def memory_estimate(self, scenario: Any) -> int:
+        return row_bytes(scenario) * self.buffer_size
 
     def adapt(self, ctx: Any, batch: Batch) -> dict[str, Tensor]:
         """The inner loop: weights after ``inner_steps`` SGD steps on ``batch``, differentiable w.r.t. θ."""
