@@ -31,7 +31,7 @@ from retain.method import Method, create
 from retain.metrics import all_metrics
 from retain.models import build_model, parse_hidden
 from retain.scenarios import MODES, Scenario
-from retain.trainer import Progress, TrainConfig, train
+from retain.trainer import Progress, TrainConfig, check_method, train
 
 
 @dataclass
@@ -81,6 +81,10 @@ class RunConfig:
                 setattr(c, k, d.get(k, default))
         method = create(c.method, c.params, preset=f"{c.benchmark}/{c.mode}")
         c.params = method.params()
+        # Everything that can be checked without the data is checked here, in the first second of a run.
+        check_method(method, c.mode, c.task_free)
+        c.train_config().validate()
+        _check_shape(c, b)
         return c
 
     def train_config(self) -> TrainConfig:
@@ -139,6 +143,32 @@ class Result:
         lines.append(f"train {self.timings['train_s']:.2f} s   eval {self.timings['eval_s']:.2f} s"
                      + (f"   peak memory {self.peak_memory_mb:.0f} MB" if self.peak_memory_mb else ""))
         return "\n".join(lines)
+
+
+# Classes per dataset, to refuse an impossible split before loading the data (the split checks again).
+DATASET_CLASSES = {"mnist": 10, "fashion-mnist": 10, "kmnist": 10, "cifar10": 10, "cifar100": 100, "digits": 10}
+
+
+def _check_shape(c: RunConfig, b: benchmarks.Benchmark) -> None:
+    """The scenario-shape checks that need no data: tasks, class and task orders, seed, validation share."""
+    if not 0 <= c.seed < 2**32:
+        raise ConfigError(f"seed must be in 0..{2**32 - 1}, got {c.seed}")
+    if not 0.0 <= c.val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {c.val_fraction}")
+    if c.n_tasks < 1:
+        raise ConfigError(f"n_tasks must be at least 1, got {c.n_tasks}")
+    n_classes = DATASET_CLASSES.get(b.dataset)
+    if b.kind == "split" and n_classes is not None:
+        order = c.class_order if c.class_order is not None else list(range(n_classes))
+        if len(set(order)) != len(order) or any(not 0 <= k < n_classes for k in order):
+            raise ConfigError(f"class_order must list distinct classes in 0..{n_classes - 1}, got {order}")
+        if c.n_tasks > len(order):
+            raise ConfigError(f"{c.n_tasks} tasks but only {len(order)} classes; use --n-tasks {len(order)} "
+                              "or fewer")
+    elif c.class_order is not None and b.kind != "split":
+        raise ConfigError(f"--class-order is for split benchmarks; {b.name} is {b.kind}")
+    if c.task_order is not None and sorted(c.task_order) != list(range(c.n_tasks)):
+        raise ConfigError(f"task_order must be a permutation of 0..{c.n_tasks - 1}, got {list(c.task_order)}")
 
 
 def versions() -> dict[str, str]:

@@ -16,14 +16,20 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from retain.errors import ConfigError, RetainError
+from retain.errors import ConfigError, OutputError, RetainError
+
+
+def one_line(message: str) -> str:
+    """``message`` with line breaks and other control characters escaped (a typed value may hold them), so that
+    every error stays on one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
 
 
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors and exit code 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"retain: error: {message} (see `{self.prog} --help`)\n")
+        sys.stderr.write(one_line(f"retain: error: {message} (see `{self.prog} --help`)") + "\n")
         sys.exit(2)
 
 
@@ -141,13 +147,17 @@ def run_config(args: argparse.Namespace, **over: Any):
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON through a temporary file in the same folder and rename it: never a half-written file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1)
         os.replace(tmp, path)
+    except OSError as e:  # a full disk or a file-size limit: one clear line, the old file untouched
+        raise OutputError(f"cannot write {path}: {e.strerror or e}; the previous file (if any) is kept; free disk "
+                          "space and retry") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
@@ -155,6 +165,8 @@ def check_writable_file(path: str | None, flag: str) -> None:
     """Fail in the first second, not after training, when an output file cannot be written."""
     if path is None:
         return
+    if not path or "\0" in path:
+        raise ConfigError(f"{flag} {path!r} is not a usable file name; give a file path")
     p = Path(path)
     if p.is_dir():
         raise ConfigError(f"{flag} {path} is a directory; give a file path")
@@ -167,11 +179,38 @@ def check_writable_file(path: str | None, flag: str) -> None:
 
 # ------------------------------------------------------------------------------------------------- commands
 
+def check_run(args: argparse.Namespace) -> Any:
+    """Everything ``retain run`` can check before loading data or training: output paths, the store path,
+    checkpoint options, the device, and the resolved configuration (method, parameters, mode, training
+    options, scenario shape). Returns the resolved :class:`retain.api.RunConfig`."""
+    from retain.trainer import resolve_device
+
+    check_writable_file(args.json, "--json")
+    check_writable_file(args.store, "--store")
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        raise ConfigError(f"--checkpoint-every must be at least 1 step, got {args.checkpoint_every}")
+    cfg = run_config(args).resolved()
+    resolve_device(cfg.device)
+    return cfg
+
+
+def parse_run(argv: list[str]) -> Any:
+    """The resolved :class:`retain.api.RunConfig` that ``retain run ARGV`` would train, without training or
+    loading data; bad input raises :class:`RetainError` (or exits 2 from the argument parser)."""
+    parser = build_parser()
+    args = parser.parse_args(["run", *argv])
+    if args.config:
+        args = _with_config(parser, ["run", *argv], args)
+    return check_run(args)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from retain import api, benchmarks
 
-    check_writable_file(args.json, "--json")
-    cfg = run_config(args).resolved()
+    cfg = check_run(args)
+    if args.dry_run:
+        print(json.dumps(cfg.to_dict(), sort_keys=True))
+        return 0
     scenario = benchmarks.scenario(cfg.benchmark, cfg.mode, cfg.n_tasks, cfg.seed, cfg.data_dir, cfg.download,
                                    cfg.val_fraction, cfg.class_order, cfg.task_order)
     recorder = _Recorder(args, cfg)  # the store and the checkpoint, when asked for
@@ -289,6 +328,8 @@ def build_parser() -> Parser:
     add_run_options(r)
     r.add_argument("--json", metavar="PATH", help="write the result record as JSON")
     r.add_argument("--config", metavar="FILE", help="options from a TOML/YAML file (flags on the command line win)")
+    r.add_argument("--dry-run", action="store_true", help="check the options and print the resolved "
+                   "configuration as JSON, without loading data or training")
     s = r.add_argument_group("results store and checkpoints")
     s.add_argument("--store", metavar="PATH", help="record the run in this results store (SQLite)")
     s.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="checkpoint every N steps (and at every "
@@ -334,17 +375,19 @@ def main(argv: list[str] | None = None) -> int:
             args = _with_config(parser, argv, args)
         return int(args.func(args) or 0)
     except RetainError as e:
-        print(f"retain: error: {e}", file=sys.stderr)
+        print(one_line(f"retain: error: {e}"), file=sys.stderr)
         if getattr(args, "debug", False):
             traceback.print_exc()
         return e.exit_code
     except KeyboardInterrupt:
-        print("retain: interrupted", file=sys.stderr)
+        resumable = args.command == "run" and (args.store or args.checkpoint_every or args.resume)
+        print("retain: interrupted" + ("; the checkpoint is saved: rerun the same command with --resume to "
+                                       "continue" if resumable else ""), file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, exit 1
         if getattr(args, "debug", False):
             traceback.print_exc()
-        print(f"retain: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+        print(one_line(f"retain: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)"),
               file=sys.stderr)
         return 1
 

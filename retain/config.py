@@ -27,6 +27,8 @@ from retain.errors import ConfigError
 
 def load(path: str | os.PathLike) -> dict[str, Any]:
     """Read a TOML (``.toml``) or YAML (``.yaml`` / ``.yml``) file whose top level is a mapping."""
+    if not str(path) or "\0" in str(path):
+        raise ConfigError(f"config file {str(path)!r} is not a usable file name")
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"config file {path} is a directory; give a .toml or .yaml file")

@@ -1,4 +1,5 @@
-"""The two kinds of error retain raises on purpose; the CLI prints them as one line and exits 2."""
+"""The errors retain raises on purpose; the CLI prints each as one line and exits with its ``exit_code``
+(2: bad input; 1: a fault such as a full disk, a locked store, a diverged run)."""
 
 
 class RetainError(Exception):
@@ -13,3 +14,10 @@ class ConfigError(RetainError, ValueError):
 
 class DataError(RetainError):
     """Missing, corrupt or inconsistent data files."""
+
+
+class OutputError(RetainError):
+    """An output file could not be written (disk full, file-size limit): a fault, exit code 1. The previous
+    version of the file, if any, is kept."""
+
+    exit_code = 1

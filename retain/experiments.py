@@ -461,8 +461,11 @@ class Sweep:
 def _grid_values(where: str, key: str, value: Any) -> list[Any] | dict[str, Any]:
     if isinstance(value, dict):
         allowed = {"low", "high", "log", "int"}
-        if not {"low", "high"} <= set(value) or set(value) - allowed:
-            raise ConfigError(f"{where}: {key} must be a list of values or {{low, high[, log, int]}}, got {value}")
+        if (not {"low", "high"} <= set(value) or set(value) - allowed
+                or not all(isinstance(value[b], (int, float)) and not isinstance(value[b], bool)
+                           and math.isfinite(value[b]) for b in ("low", "high"))):
+            raise ConfigError(f"{where}: {key} must be a list of values or {{low, high[, log, int]}} with numbers "
+                              f"low and high, got {value}")
         if not value["low"] <= value["high"] or (value.get("log") and value["low"] <= 0):
             raise ConfigError(f"{where}: {key}: need 0 < low <= high for log ranges, low <= high otherwise")
         return value
@@ -470,6 +473,30 @@ def _grid_values(where: str, key: str, value: Any) -> list[Any] | dict[str, Any]
     if not values:
         raise ConfigError(f"{where}: {key} has an empty list of values")
     return values
+
+
+_INT_FIELDS = ("n_tasks", "epochs", "iterations", "batch_size")
+_FLOAT_FIELDS = ("lr", "momentum", "blurry")
+_BOOL_FIELDS = ("task_free", "download")
+_LIST_FIELDS = ("hidden", "class_order", "task_order")
+
+
+def _check_field(where: str, key: str, values: list[Any] | dict[str, Any]) -> None:
+    """Each value of run field ``key`` has the field's type (a range only for numeric fields)."""
+    if isinstance(values, dict):
+        if key not in _INT_FIELDS + _FLOAT_FIELDS:
+            raise ConfigError(f"{where}: {key} takes a list of values, not a range")
+        return
+    for v in values:
+        if v is None:
+            continue
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        ok = (isinstance(v, int) and not isinstance(v, bool) if key in _INT_FIELDS else
+              number and math.isfinite(v) if key in _FLOAT_FIELDS else
+              isinstance(v, bool) if key in _BOOL_FIELDS else
+              _flat_ints(v) or isinstance(v, str) if key in _LIST_FIELDS else isinstance(v, str))
+        if not ok:
+            raise ConfigError(f"{where}: {key} has a value of the wrong type: {v!r}")
 
 
 def parse_sweep(data: dict[str, Any], path: str, base: Any) -> Sweep:
@@ -499,8 +526,10 @@ def parse_sweep(data: dict[str, Any], path: str, base: Any) -> Sweep:
         listy = k in ("hidden", "class_order", "task_order")  # a flat list of ints is one value here
         if (listy and _flat_ints(data[k])) or (not listy and not isinstance(data[k], (list, dict))):
             fixed[k] = data[k]
+            _check_field(path, k, [data[k]])
         else:
             grid_run[k] = _grid_values(path, k, data[k])
+            _check_field(path, k, grid_run[k])
     if "mode" in grid_run:
         raise ConfigError(f"{path}: give several modes as modes = [...], not a list under mode")
     modes = data.get("modes", [fixed.pop("mode", None)])
@@ -516,9 +545,12 @@ def parse_sweep(data: dict[str, Any], path: str, base: Any) -> Sweep:
     if not isinstance(methods, list) or not methods:
         raise ConfigError(f"{path}: methods must be a list of tables, e.g. [[methods]] name = \"ewc\" "
                           "[methods.params] lambda = [1, 10]")
-    rng = np.random.default_rng(data.get("random_seed", 0))
+    random_seed = data.get("random_seed", 0)
+    if not isinstance(random_seed, int) or isinstance(random_seed, bool) or random_seed < 0:
+        raise ConfigError(f"{path}: random_seed must be an integer >= 0, got {random_seed!r}")
+    rng = np.random.default_rng(random_seed)
     samples = data.get("samples", 10)
-    if search == "random" and (not isinstance(samples, int) or samples < 1):
+    if search == "random" and (not isinstance(samples, int) or isinstance(samples, bool) or samples < 1):
         raise ConfigError(f"{path}: samples must be a positive integer, got {samples!r}")
     candidates = []
     for i, m in enumerate(methods):
@@ -534,6 +566,7 @@ def parse_sweep(data: dict[str, Any], path: str, base: Any) -> Sweep:
             if k not in RUN_FIELDS or k == "mode":
                 raise ConfigError(f"{where}: unknown training option {k!r}; valid: {', '.join(RUN_FIELDS)}")
             train[k] = _grid_values(where, k, v)
+            _check_field(where, k, train[k])
         space = {**{("p", k): v for k, v in params.items()}, **{("t", k): v for k, v in train.items()}}
         keys = list(space)
         if search == "grid":

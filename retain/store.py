@@ -6,8 +6,8 @@ timestamps. Experiments (a ``compare``, an ``orders`` study, a sweep) name the r
 so one run can serve several experiments and a finished run is never trained twice (unless forced).
 
 Concurrency: WAL journal (readers never block the writer), every write in a ``BEGIN IMMEDIATE`` transaction,
-and a busy timeout: a writer that finds the store locked waits (``timeout`` seconds), then fails with a clear
-:class:`StoreError` instead of a half-written record.
+and a busy timeout: a writer that finds the store locked waits (``timeout`` seconds; ``$RETAIN_STORE_TIMEOUT``,
+default 60), then fails with a clear :class:`StoreError` instead of a half-written record.
 """
 
 from __future__ import annotations
@@ -92,12 +92,25 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
+def default_timeout() -> float:
+    """How long a writer waits for a locked store: ``$RETAIN_STORE_TIMEOUT`` seconds, else 60."""
+    text = os.environ.get("RETAIN_STORE_TIMEOUT", "60")
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise ConfigError(f"RETAIN_STORE_TIMEOUT must be a number of seconds >= 0, got {text!r}")
+    return value
+
+
 class Store:
     """A results store at ``path`` (created on first use). Open once per process; cheap to reopen."""
 
-    def __init__(self, path: str | os.PathLike = DEFAULT_PATH, timeout: float = 60.0, create: bool = True):
+    def __init__(self, path: str | os.PathLike = DEFAULT_PATH, timeout: float | None = None, create: bool = True):
         self.path = Path(path)
-        self.timeout = timeout
+        self.timeout = default_timeout() if timeout is None else timeout
+        timeout = self.timeout
         if self.path.is_dir():
             raise ConfigError(f"store {self.path} is a directory; give a file path with --store")
         if not self.path.exists():
@@ -125,7 +138,7 @@ class Store:
     def _error(self, e: Exception, what: str) -> RetainError:
         msg = str(e)
         if "locked" in msg or "busy" in msg:
-            return StoreError(f"store {self.path} is locked by another process (waited {self.timeout:.0f} s to "
+            return StoreError(f"store {self.path} is locked by another process (waited {self.timeout:g} s to "
                               f"{what}); retry when it finishes or use another --store")
         if "not a database" in msg or "malformed" in msg or "file is encrypted" in msg:
             return ConfigError(f"store {self.path} is not a retain results store ({msg}); "
@@ -146,13 +159,21 @@ class Store:
         try:
             yield self.db
         except BaseException:
-            self.db.execute("ROLLBACK")
+            self._rollback()
             raise
         try:
             self.db.execute("COMMIT")
         except sqlite3.DatabaseError as e:
-            self.db.execute("ROLLBACK")
+            self._rollback()
             raise self._error(e, what) from None
+
+    def _rollback(self) -> None:
+        """Undo the open transaction, if SQLite has not already (it rolls back by itself on a full disk)."""
+        if self.db.in_transaction:
+            try:
+                self.db.execute("ROLLBACK")
+            except sqlite3.DatabaseError:
+                pass
 
     def _read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
         try:
