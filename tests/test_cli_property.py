@@ -41,7 +41,18 @@ pair = st.one_of(st.tuples(st.sampled_from(FLAGS), value).map(list),
                  st.tuples(st.just("--param"), param).map(list),
                  st.sampled_from(FLAGS).map(lambda f: [f]),
                  garbage.map(lambda t: [t]))
-argvs = st.lists(pair, max_size=6).map(lambda pairs: [t for p in pairs for t in p])
+plausible = st.one_of(  # flags with values of the right kind, so that valid configurations come up often too
+    st.tuples(st.just("--method"), st.sampled_from(NAMES)), st.tuples(st.just("--mode"), st.sampled_from(MODES)),
+    st.tuples(st.sampled_from(["--epochs", "--iterations", "--batch-size", "--n-tasks", "--seed"]),
+              st.integers(-1, 12).map(str)),
+    st.tuples(st.sampled_from(["--lr", "--momentum", "--val-fraction", "--blurry"]),
+              st.floats(-0.5, 1.5).map(str)),
+    st.tuples(st.just("--hidden"), st.sampled_from(["100", "64,64", "0", "10,x"])),
+    st.tuples(st.just("--param"), st.builds(lambda k, v: f"{k}={v}", st.sampled_from(PARAMS),
+                                            st.integers(-2, 500).map(str) | st.sampled_from(["true", "0.5"]))),
+    st.tuples(st.sampled_from(["--task-free", "--force", "--resume"])).map(list)).map(list)
+argvs = st.one_of(st.lists(pair, max_size=6), st.lists(plausible, max_size=5)).map(
+    lambda pairs: [t for p in pairs for t in p])
 
 scalar = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=False, width=32),
                    st.sampled_from(REAL), garbage)
