@@ -90,13 +90,15 @@ def run_one(protocol: str, method: str, seed: int, args: argparse.Namespace, par
     iterations = args.p2_iterations if protocol == "P2" and args.p2_iterations else args.iterations
     if iterations:
         kw["iterations"] = iterations
+    if protocol == "P2" and args.p2_tasks:
+        kw["n_tasks"] = args.p2_tasks
     t0 = time.perf_counter()
     result = retain.run(benchmark=benchmark, mode=mode, method=method, params=params, seed=seed,
                         data_dir=args.data_dir, device=args.device, **kw)
     cfg = result.config
     steps = cfg["iterations"] * cfg["n_tasks"] if cfg["iterations"] else None
     return {"protocol": protocol, "method": method, "seed": seed, "params": cfg["params"],
-            "iterations": cfg["iterations"], "steps": steps, "acc": result.metrics["acc"],
+            "iterations": cfg["iterations"], "n_tasks": cfg["n_tasks"], "steps": steps, "acc": result.metrics["acc"],
             "bwt": result.metrics["bwt"], "train_s": result.timings["train_s"],
             "wall_s": time.perf_counter() - t0, "warnings": result.warnings}
 
@@ -109,6 +111,18 @@ def fmt(values: list[float], scale: float = 100.0) -> str:
     return f"{mean:6.2f} ± {std:5.2f}"
 
 
+def _row(protocol: str, m: str, mine: list[dict], ft_step: float | None) -> str:
+    pub = PUBLISHED.get(protocol, {}).get(m)
+    pub_s = "-" if pub is None else (f"{pub[0]:6.2f}" + (f" ± {pub[1]:5.2f}" if pub[1] is not None else ""))
+    src = pub[2] if pub else ""
+    step = statistics.mean(r["train_s"] / r["steps"] for r in mine) if mine[0]["steps"] else math.nan
+    over = f"{100 * (step / ft_step - 1):+8.1f}%" if ft_step else "-"
+    params = ", ".join(f"{k}={v}" for k, v in mine[0]["params"].items()
+                       if k in ("lambda", "c", "xi", "gamma", "alpha", "temperature", "online", "fisher_samples"))
+    return (f"{m:<11} {len(mine):>2} {fmt([r['acc'] for r in mine]):>16} {pub_s:>16} {src:<9} "
+            f"{fmt([r['bwt'] for r in mine]):>16} {1000 * step:8.2f} {over:>9}  {params}")
+
+
 def report(records: list[dict], protocols: list[str], methods: list[str]) -> str:
     lines = []
     for protocol in protocols:
@@ -117,29 +131,25 @@ def report(records: list[dict], protocols: list[str], methods: list[str]) -> str
             continue
         benchmark, mode = PROTOCOLS[protocol]
         its = sorted({r["iterations"] for r in rows})
-        lines.append(f"\n{protocol}: {benchmark}, {mode}-IL, iterations/task {its}, "
+        tasks = sorted({r.get("n_tasks") for r in rows if r.get("n_tasks")})
+        lines.append(f"\n{protocol}: {benchmark}, {mode}-IL, " + (f"tasks {tasks}, " if tasks else "")
+                     + f"iterations/task {its}, "
                      f"seeds {sorted({r['seed'] for r in rows})}")
         lines.append(f"{'method':<11} {'n':>2} {'ACC % (retain)':>16} {'published':>16} {'source':<9} "
                      f"{'BWT % (retain)':>16} {'ms/step':>8} {'overhead':>9}  params")
         ft = [r for r in rows if r["method"] == "finetune"]
         ft_step = (statistics.mean(r["train_s"] / r["steps"] for r in ft) if ft and ft[0]["steps"] else None)
         for m in methods:
-            mine = [r for r in rows if r["method"] == m]
-            if not mine:
-                continue
-            pub = PUBLISHED.get(protocol, {}).get(m)
-            pub_s = "-" if pub is None else (f"{pub[0]:6.2f}" + (f" ± {pub[1]:5.2f}" if pub[1] is not None else ""))
-            src = pub[2] if pub else ""
-            step = statistics.mean(r["train_s"] / r["steps"] for r in mine) if mine[0]["steps"] else math.nan
-            over = f"{100 * (step / ft_step - 1):+8.1f}%" if ft_step else "-"
-            params = ", ".join(f"{k}={v}" for k, v in mine[0]["params"].items()
-                               if k in ("lambda", "c", "xi", "gamma", "alpha", "temperature", "online"))
-            lines.append(f"{m:<11} {len(mine):>2} {fmt([r['acc'] for r in mine]):>16} {pub_s:>16} {src:<9} "
-                         f"{fmt([r['bwt'] for r in mine]):>16} {1000 * step:8.2f} {over:>9}  {params}")
+            groups: dict[str, list[dict]] = {}  # one row per distinct hyper-parameter setting
+            for r in rows:
+                if r["method"] == m:
+                    groups.setdefault(json.dumps(r["params"], sort_keys=True), []).append(r)
+            for mine in groups.values():
+                lines.append(_row(protocol, m, mine, ft_step))
         if protocol in EWC_TUNED:
             lines.append(f"(EWC with tuned λ in arXiv 1904.07734: {EWC_TUNED[protocol]:.2f})")
-    lines.append("\noverhead = (method's training seconds per step, Fisher/Ω/copies at task ends included) / "
-                 "fine-tuning's - 1, same protocol; the machine is shared, so treat single-digit % as noise.")
+    lines.append("\nms/step, overhead: whole-run training seconds per step (task-end Fisher/Ω/copies included) against "
+                 "fine-tuning's; on a shared machine they carry the load of the moment (use --overhead).")
     return "\n".join(lines)
 
 
@@ -166,11 +176,13 @@ def step_overhead(protocol: str, methods: list[str], args: argparse.Namespace, s
             method.begin_task(ctx)
             ctx.optimizer = ctx.make_optimizer()
             batches = list(ctx.batches(method.task_data(ctx, view.task_data(task))))
-            t0 = time.perf_counter()
+            times = []
             for b in batches:
+                t0 = time.perf_counter()
                 method.observe(ctx, b)
+                times.append(time.perf_counter() - t0)
             if task == 1:
-                step_s = (time.perf_counter() - t0) / len(batches)
+                step_s = statistics.median(times)  # the median resists bursts from other processes
             t0 = time.perf_counter()
             method.end_task(ctx)
             if task == 0:
@@ -180,7 +192,7 @@ def step_overhead(protocol: str, methods: list[str], args: argparse.Namespace, s
         over = f"{100 * (step_s / base - 1):+7.1f}%" if base else "-"
         rows.append(f"{name:<11} {1000 * step_s:9.2f} {over:>9} {end_s:12.2f}")
     head = (f"\nper-step overhead, {protocol} ({benchmark} {mode}-IL, {d['hidden']} MLP, batch {d['batch_size']}, "
-            f"{steps} timed steps with the penalty active, {torch.get_num_threads()} thread(s)):\n"
+            f"median of {steps} steps with the penalty active, {torch.get_num_threads()} thread(s)):\n"
             f"{'method':<11} {'ms/step':>9} {'vs ft':>9} {'task end s':>12}")
     return "\n".join([head, *rows])
 
@@ -194,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="seeds to average (presets were tuned on seed 1)")
     p.add_argument("--iterations", type=int, default=None, help="iterations per task (default: the protocol's)")
     p.add_argument("--p2-iterations", type=int, default=None, help="iterations per task for P2 only")
+    p.add_argument("--p2-tasks", type=int, default=None, help="number of permutations for P2 (default 10)")
     p.add_argument("--set", action="append", default=[], metavar="METHOD.PARAM=VALUE",
                    help="override a hyper-parameter, e.g. --set ewc.lambda=1e4 (repeatable)")
     p.add_argument("--grid", action="append", default=[], metavar="PARAM=V1,V2,...",
@@ -203,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="append each run as a JSON line to this file")
+    p.add_argument("--report", nargs="+", default=None, metavar="JSONL",
+                   help="only print the tables from these --out files (no runs)")
     p.add_argument("--resume", action="store_true", help="skip runs already in --out; report them too")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -217,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         name, _, values = item.partition("=")
         grid = [{**g, name: parse_value(v)} for g in grid for v in values.split(",")]
 
+    if args.report:
+        lines = [json.loads(x) for path in args.report for x in Path(path).read_text().splitlines() if x.strip()]
+        print(report([r for r in lines if not r.get("grid")], args.protocols, args.methods))
+        return 0
     if args.overhead:
         methods = ["finetune", *[m for m in args.methods if m != "finetune"]]
         for protocol in args.protocols:

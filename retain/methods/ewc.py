@@ -51,7 +51,7 @@ class EWC(Method):
         "split-mnist/task": {"lambda": 1e5},
         "split-mnist/domain": {"lambda": 1e10},
         "split-mnist/class": {"lambda": 1e9},
-        "permuted-mnist/domain": {"lambda": 500.0},
+        "permuted-mnist/domain": {"lambda": 100.0},
         "split-digits/task": {"lambda": 100.0},
     }
 
@@ -101,6 +101,6 @@ class OnlineEWC(EWC):
         "split-mnist/task": {"lambda": 1e5},
         "split-mnist/domain": {"lambda": 1e10},
         "split-mnist/class": {"lambda": 1e9},
-        "permuted-mnist/domain": {"lambda": 500.0},
+        "permuted-mnist/domain": {"lambda": 100.0},
         "split-digits/task": {"lambda": 100.0},
     }
