@@ -56,10 +56,11 @@ class ER(Method):
                            choices=WEIGHTINGS)
 
     presets = {
-        # Hsu et al. 2018 (P1 / Table 2): every memory method stores 1,100 samples.
-        "split-mnist/task": {"buffer_size": 1100},
-        "split-mnist/domain": {"buffer_size": 1100},
-        "split-mnist/class": {"buffer_size": 1100},
+        # Hsu et al. 2018 (P1 / Table 2): every memory method stores 1,100 samples, split evenly (their code
+        # splits by task; two classes per task make that a class-balanced buffer).
+        "split-mnist/task": {"buffer_size": 1100, "storage": "class_balanced"},
+        "split-mnist/domain": {"buffer_size": 1100, "storage": "class_balanced"},
+        "split-mnist/class": {"buffer_size": 1100, "storage": "class_balanced"},
         "permuted-mnist/domain": {"buffer_size": 2500},
         "split-digits/class": {"buffer_size": 200},
         "split-digits/task": {"buffer_size": 200},
