@@ -14,7 +14,6 @@ from retain import scenarios
 from retain.data import make_synthetic
 from retain.errors import ConfigError
 from retain.method import create
-from retain.methods.mer import Reservoir
 from retain.models import MLP
 from retain.scenarios import Batch
 from retain.trainer import Context, TrainConfig, masked, train
@@ -380,21 +379,18 @@ def test_mer_reptile_interpolations_by_hand():
     assert torch.allclose(model.weight, W, atol=1e-12) and torch.allclose(model.bias, b, atol=1e-12)
 
 
-def test_reservoir_keeps_a_uniform_sample_of_everything_seen():
-    res = Reservoir(100)
-    g = torch.Generator().manual_seed(0)
-    n = 2000
-    for start in range(0, n, 50):
-        idx = torch.arange(start, start + 50)
-        res.add(idx.float().unsqueeze(1), idx, idx, g)
-    assert len(res) == 100 and res.seen == n
-    kept = res.y.float()
-    # uniform over 0..1999: mean ~1000 (sd of the mean ~58); drawing the slot over the buffer length instead
-    # would keep mostly recent rows (mean ~1900)
-    assert 800 < kept.mean() < 1200
-    assert int((kept < n / 2).sum()) > 30
-    batch = res.sample(10, g)
-    assert len(batch) == 10 and not bool(batch.new.any()) and len(set(batch.y.tolist())) == 10
+def test_mer_and_oml_keep_a_reservoir_of_everything_seen():
+    from retain.buffers import Buffer
+
+    sc, model, batch = _tiny_linear()
+    model, batch = model.float(), Batch(batch.x.float(), batch.y, batch.t, None, 0)
+    for method in (create("mer", {"buffer_size": 4, "alpha": 0.1}), create("oml", {"buffer_size": 4})):
+        assert isinstance(method.memory, Buffer) and not method.memory.balanced  # reservoir (algorithm R)
+        ctx = _context(model, sc, method)
+        for _ in range(3):
+            method.observe(ctx, batch)
+        assert method.memory.seen == 3 * len(batch) and len(method.memory) == 4
+    assert create("mer", {"buffer_size": 0}).memory is None
 
 
 def test_mer_and_oml_beat_finetuning_on_digits():

@@ -8,51 +8,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from retain.buffers import Buffer
 from retain.errors import ConfigError
 from retain.method import Method, param, register, row_bytes
 from retain.scenarios import Batch
 
 
-class Reservoir:
-    """A fixed-size reservoir of prepared rows (x, y, t): after n rows were offered, each is held with probability
-    capacity / n (Vitter's algorithm R — the replacement slot is drawn over the number of rows *seen*).
+def memory(capacity: int) -> Buffer | None:
+    """A reservoir buffer (Vitter's algorithm R, :class:`retain.buffers.Buffer`), or None for no memory."""
+    return Buffer(capacity) if capacity > 0 else None
 
-    Private to MER and OML until the shared buffer (retain/buffers.py, the replay issue) exists.
-    """
 
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.seen = 0
-        self.x: Tensor | None = None
-        self.y: Tensor | None = None
-        self.t: Tensor | None = None
-
-    def __len__(self) -> int:
-        return min(self.seen, self.capacity)
-
-    @torch.no_grad()
-    def add(self, x: Tensor, y: Tensor, t: Tensor, rng: torch.Generator) -> None:
-        if self.x is None:
-            self.x = x.new_zeros((self.capacity, *x.shape[1:]))
-            self.y = y.new_zeros(self.capacity)
-            self.t = t.new_zeros(self.capacity)
-        for i in range(len(x)):
-            if self.seen < self.capacity:
-                slot = self.seen
-            else:
-                slot = int(torch.randint(0, self.seen + 1, (1,), generator=rng))
-            self.seen += 1
-            if slot < self.capacity:
-                self.x[slot], self.y[slot], self.t[slot] = x[i], y[i], t[i]
-
-    def sample(self, n: int, rng: torch.Generator) -> Batch | None:
-        """``min(n, len)`` distinct stored rows (new = False), or None when empty."""
-        size = len(self)
-        if size == 0 or n <= 0:
-            return None
-        idx = torch.randperm(size, generator=rng)[:n].to(self.x.device)
-        return Batch(self.x[idx], self.y[idx], self.t[idx], torch.zeros(len(idx), dtype=torch.bool,
-                                                                         device=self.x.device))
+def replay_batch(buffer: Buffer | None, n: int, rng: torch.Generator) -> Batch | None:
+    """``min(n, len)`` distinct stored rows as a Batch (new = False), or None when there are none."""
+    if buffer is None or len(buffer) == 0 or n <= 0:
+        return None
+    rows = buffer.sample(n, rng)
+    return Batch(rows.x, rows.y, rows.t, torch.zeros(len(rows), dtype=torch.bool, device=rows.y.device))
 
 
 @register("mer")
@@ -78,8 +50,8 @@ class MER(Method):
     Hooks: ``observe`` (the whole step). Works on a task-free stream (no boundaries needed) and in every mode (the
     loss of each example uses its own task's mask).
 
-    Deviations: the order of the k examples of B_i is a random shuffle (the paper leaves it open); the memory is a
-    private reservoir (retain/buffers.py did not exist yet).
+    Deviation: the order of the k examples of B_i is a random shuffle (the paper leaves it open). The memory is the
+    shared reservoir :class:`retain.buffers.Buffer` (``buffer_size`` 0 = no memory).
     """
 
     beta: float = param(0.03, "within-batch Reptile meta-learning rate (β)")
@@ -103,7 +75,7 @@ class MER(Method):
             raise ConfigError("mer: batches_per_example and replay_batch must be >= 1")
         if self.buffer_size < 0 or self.alpha < 0:
             raise ConfigError("mer: buffer_size and alpha must be >= 0")
-        self.memory = Reservoir(self.buffer_size)
+        self.memory = memory(self.buffer_size)
 
     def memory_estimate(self, scenario: Any) -> int:
         return row_bytes(scenario) * self.buffer_size
@@ -118,7 +90,7 @@ class MER(Method):
             for _ in range(self.batches_per_example):
                 start_w = [p.detach().clone() for p in params]
                 rows = [current]
-                replay = self.memory.sample(self.replay_batch - 1, ctx.rng)
+                replay = replay_batch(self.memory, self.replay_batch - 1, ctx.rng)
                 if replay is not None:
                     rows += [Batch(replay.x[j:j + 1], replay.y[j:j + 1], replay.t[j:j + 1], replay.new[j:j + 1])
                              for j in range(len(replay))]
@@ -129,7 +101,8 @@ class MER(Method):
                         losses.append(loss)
                 _interpolate(params, start_w, self.beta)
             _interpolate(params, start_a, self.gamma)
-            self.memory.add(current.x, current.y, current.t, ctx.rng)
+            if self.memory is not None:
+                self.memory.add(current.x, current.y, current.t, generator=ctx.rng)
         return torch.stack(losses).mean()
 
     def _sgd(self, ctx: Any, params: list[torch.nn.Parameter], row: Batch, lr: float) -> Tensor:

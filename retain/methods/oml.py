@@ -11,7 +11,7 @@ from torch.func import functional_call
 
 from retain.errors import ConfigError
 from retain.method import Method, param, register, row_bytes
-from retain.methods.mer import Reservoir
+from retain.methods.mer import memory, replay_batch
 from retain.scenarios import Batch
 
 
@@ -38,7 +38,7 @@ class OML(Method):
     rate set to ``outer_lr``). No task boundaries needed; every mode (the loss uses each row's mask).
 
     Deviations: the whole network is adapted in the inner loop (the chapter's method), not only the prediction
-    layers as in Javed & White's OML; the memory is a private reservoir (retain/buffers.py did not exist yet).
+    layers as in Javed & White's OML. The memory is the shared reservoir :class:`retain.buffers.Buffer`.
     """
 
     inner_steps: int = param(5, "SGD steps of the inner loop on the current batch")
@@ -54,7 +54,7 @@ class OML(Method):
             raise ConfigError("oml: inner_lr and outer_lr must be > 0")
         if self.buffer_size < 0:
             raise ConfigError(f"oml: buffer_size must be >= 0, got {self.buffer_size}")
-        self.memory = Reservoir(self.buffer_size)
+        self.memory = memory(self.buffer_size)
 
     def memory_estimate(self, scenario: Any) -> int:
         return row_bytes(scenario) * self.buffer_size
@@ -74,7 +74,7 @@ class OML(Method):
         fast = self.adapt(ctx, batch)
         out = functional_call(ctx.model, fast, (batch.x,), strict=False)
         loss = ctx.loss(out, batch)
-        replay = self.memory.sample(len(batch), ctx.rng)
+        replay = replay_batch(self.memory, len(batch), ctx.rng)
         if replay is not None:
             loss = loss + ctx.loss(ctx.forward(replay.x, replay.t), replay)
         extra = ctx.method.penalty(ctx, batch, out)  # partners' hooks when composed (ctx.method is the whole)
@@ -87,5 +87,6 @@ class OML(Method):
         ctx.method.before_update(ctx)
         ctx.optimizer.step()
         ctx.method.after_update(ctx, batch, out)
-        self.memory.add(batch.x, batch.y, batch.t, ctx.rng)
+        if self.memory is not None:
+            self.memory.add(batch.x, batch.y, batch.t, generator=ctx.rng)
         return loss.detach()
