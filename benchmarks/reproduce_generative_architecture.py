@@ -84,9 +84,9 @@ def sizes(method: retain.method.Method, model_params: int) -> dict:
         got["mask_bytes"] = sum(method.mask_sizes().values())
         got["kept_per_task"] = [sum(k.values()) for k in method.kept]
     if method.name in ("mer", "oml"):
-        mem = method.memory
-        got["buffer_rows"] = len(mem)
-        got["buffer_bytes"] = 0 if mem.x is None else mem.x.numel() * mem.x.element_size()
+        mem = method.memory  # a retain.buffers.Buffer, or None without memory
+        got["buffer_rows"] = 0 if mem is None else len(mem)
+        got["buffer_bytes"] = 0 if mem is None or mem.x is None else mem.x.numel() * mem.x.element_size()
     return got
 
 
