@@ -96,11 +96,4 @@ class OnlineEWC(EWC):
     """Online EWC (Schwarz et al. 2018): ``ewc`` with ``online=true`` (one running Fisher, one anchor)."""
 
     online: bool = param(True, "online EWC (Schwarz et al. 2018): one running Fisher and one anchor")
-
-    presets = {
-        "split-mnist/task": {"lambda": 1e5},
-        "split-mnist/domain": {"lambda": 1e10},
-        "split-mnist/class": {"lambda": 1e9},
-        "permuted-mnist/domain": {"lambda": 100.0},
-        "split-digits/task": {"lambda": 100.0},
-    }
+    # presets: inherited from EWC (van de Ven's code uses the same λ for both)
