@@ -58,13 +58,18 @@ def bare_eval(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, test_idx: li
     return accs
 
 
+def bare_tensors(arrays):
+    """What a user's loop starts from: float copies of the images, flattened, and each task's test indices."""
+    x_tr = arrays.x_train.float().div(255).view(len(arrays.x_train), -1)
+    x_te = arrays.x_test.float().div(255).view(len(arrays.x_test), -1)
+    test_idx = [torch.isin(arrays.y_test, torch.tensor(c)).nonzero().flatten() for c in TASKS]
+    return x_tr, arrays.y_train, x_te, arrays.y_test, test_idx
+
+
 def bare_loop(arrays, replay: Callable | None = None) -> tuple[float, float, float]:
     """Fine-tuning as a user would write it: float tensors prepared once, index batches, masked CE."""
     torch.manual_seed(0)
-    x_tr = arrays.x_train.float().div(255).view(len(arrays.x_train), -1)
-    x_te = arrays.x_test.float().div(255).view(len(arrays.x_test), -1)
-    y_tr, y_te = arrays.y_train, arrays.y_test
-    test_idx = [torch.isin(y_te, torch.tensor(c)).nonzero().flatten() for c in TASKS]
+    x_tr, y_tr, x_te, y_te, test_idx = bare_tensors(arrays)
     model = bare_mlp()
     train_s = eval_s = 0.0
     state = {}
@@ -134,10 +139,7 @@ def bare_er_replay(state: dict, x: torch.Tensor, y: torch.Tensor, t: int) -> tup
 def bare_replay_loop(arrays, kind: str) -> tuple[float, float, float]:
     """DER++ or A-GEM as a user would write them over tensors (same data handling as :func:`bare_loop`)."""
     torch.manual_seed(0)
-    x_tr = arrays.x_train.float().div(255).view(len(arrays.x_train), -1)
-    x_te = arrays.x_test.float().div(255).view(len(arrays.x_test), -1)
-    y_tr, y_te = arrays.y_train, arrays.y_test
-    test_idx = [torch.isin(y_te, torch.tensor(c)).nonzero().flatten() for c in TASKS]
+    x_tr, y_tr, x_te, y_te, test_idx = bare_tensors(arrays)
     model = bare_mlp()
     params = list(model.parameters())
     train_s = eval_s = 0.0
