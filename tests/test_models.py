@@ -1,0 +1,36 @@
+"""Models: MLP sizes, the reduced ResNet-18, and building from a scenario's shape."""
+
+import pytest
+import torch
+
+import retain
+from retain import scenarios
+from retain.data import Arrays
+from retain.errors import ConfigError
+from retain.models import MLP, ResNet18, build_model, parse_hidden
+
+
+def test_mlp_hidden_sizes():
+    m = MLP(64, 10, parse_hidden("32,16"))
+    assert [layer.out_features for layer in m.features if isinstance(layer, torch.nn.Linear)] == [32, 16]
+    assert m(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
+
+
+def test_reduced_resnet18_shape_and_width():
+    m = ResNet18(3, 7, nf=20)
+    assert m(torch.zeros(2, 3, 32, 32)).shape == (2, 7)
+    assert m.head.in_features == 160  # 8 x nf: the GEM / A-GEM reduced width
+    with pytest.raises(ConfigError, match="image inputs"):
+        build_model("resnet18", (64,), 10)
+    with pytest.raises(ConfigError, match="unknown model"):
+        build_model("vit", (3, 32, 32), 10)
+
+
+def test_resnet_trains_through_the_loop_on_cifar_shaped_data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.arange(40) % 4
+    sc = scenarios.split(Arrays("tiny-cifar", x, y, x[:16], y[:16], 4, (0.5,) * 3, (0.25,) * 3), "task", n_tasks=2)
+    r = retain.run(scenario=sc, arch="resnet18", method="finetune", epochs=1, batch_size=10, optimizer="sgd",
+                   lr=0.01)
+    assert len(r.accuracy_matrix) == 2 and r.config["arch"] == "resnet18"
