@@ -48,7 +48,7 @@ class EWC(Method):
 
     needs_boundaries = True
     presets = {
-        "split-mnist/task": {"lambda": 1e5},
+        "split-mnist/task": {"lambda": 1e9},  # full-length grid on seed 1 (docs/regularisation.md); vdV: 1e5
         "split-mnist/domain": {"lambda": 1e10},
         "split-mnist/class": {"lambda": 1e9},
         "permuted-mnist/domain": {"lambda": 100.0},
