@@ -208,14 +208,19 @@ class Buffer:
         drop = slots[torch.topk(self.prio[slots], n).indices]
         self.key[drop] = -1
 
-    def _add_balanced(self, x: Tensor, y: Tensor, t: Tensor, key: Tensor, logits: Tensor | None,
-                      generator: torch.Generator | None) -> None:
-        if self.x is None:
-            self._admit(torch.unique(key).tolist())
-            self._allocate(x, logits)
+    def _open(self, x: Tensor, y: Tensor, key: Tensor, logits: Tensor | None) -> tuple[list[int], dict[int, int]]:
+        """Allocate storage on first use, admit the batch's keys and count its rows as seen: (keys, shares)."""
         uniq = torch.unique(key).tolist()
+        if self.x is None:
+            self._admit(uniq)
+            self._allocate(x, logits)
         share = self._admit(uniq)
         self.seen += len(y)
+        return uniq, share
+
+    def _add_balanced(self, x: Tensor, y: Tensor, t: Tensor, key: Tensor, logits: Tensor | None,
+                      generator: torch.Generator | None) -> None:
+        uniq, share = self._open(x, y, key, logits)
         keys_cpu = key.cpu()
         for k in uniq:
             rows = (keys_cpu == k).nonzero().flatten()
@@ -262,12 +267,7 @@ class Buffer:
         dev = self.device or x.device
         x, y, t, key = x.to(dev), y.to(dev), t.to(dev), key.to(dev)
         logits = None if logits is None else logits.to(dev)
-        if self.x is None:
-            self._admit(torch.unique(key).tolist())
-            self._allocate(x, logits)
-        uniq = torch.unique(key).tolist()
-        share = self._admit(uniq)
-        self.seen += len(y)
+        uniq, share = self._open(x, y, key, logits)
         for k in uniq:
             rows = (key == k).nonzero().flatten()
             self.seen_per_key[k] += len(rows)
