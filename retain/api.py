@@ -69,16 +69,7 @@ class RunConfig:
         if c.mode not in MODES:
             raise ConfigError(f"unknown mode {c.mode!r}; choose one of {', '.join(MODES)}")
         c.n_tasks = b.n_tasks if c.n_tasks is None else c.n_tasks
-        d = b.defaults
-        c.arch = c.arch or d.get("arch", "mlp")
-        c.hidden = parse_hidden(c.hidden) if c.hidden is not None else tuple(d.get("hidden", (400, 400)))
-        if c.epochs is None and c.iterations is None:
-            c.epochs, c.iterations = d.get("epochs", 1), d.get("iterations")
-        elif c.epochs is None:
-            c.epochs = 1
-        for k, default in (("batch_size", 128), ("optimizer", "adam"), ("lr", 1e-3), ("momentum", 0.0)):
-            if getattr(c, k) is None:
-                setattr(c, k, d.get(k, default))
+        _fill_training(c, b.defaults)
         method = create(c.method, c.params, preset=f"{c.benchmark}/{c.mode}")
         c.params = method.params()
         # Everything that can be checked without the data is checked here, in the first second of a run.
@@ -224,15 +215,21 @@ def run(config: RunConfig | None = None, *, scenario: Scenario | None = None, mo
     )
 
 
+def _fill_training(c: RunConfig, d: dict[str, Any]) -> None:
+    """Fill ``c``'s unset model and training fields from ``d`` (a benchmark's protocol defaults, or none)."""
+    c.arch = c.arch or d.get("arch", "mlp")
+    c.hidden = parse_hidden(c.hidden) if c.hidden is not None else tuple(d.get("hidden", (400, 400)))
+    if c.epochs is None and c.iterations is None:
+        c.epochs, c.iterations = d.get("epochs", 1), d.get("iterations")
+    elif c.epochs is None:
+        c.epochs = 1
+    for k, default in (("batch_size", 128), ("optimizer", "adam"), ("lr", 1e-3), ("momentum", 0.0)):
+        if getattr(c, k) is None:
+            setattr(c, k, d.get(k, default))
+
+
 def _resolve_custom(c: RunConfig) -> RunConfig:
     """Defaults for a user-built scenario (no benchmark table to draw from)."""
     c = dataclasses.replace(c, params=dict(c.params))
-    c.arch = c.arch or "mlp"
-    c.hidden = parse_hidden(c.hidden) if c.hidden is not None else (400, 400)
-    if c.epochs is None:
-        c.epochs = 1
-    c.batch_size = c.batch_size or 128
-    c.optimizer = c.optimizer or "adam"
-    c.lr = c.lr if c.lr is not None else 1e-3
-    c.momentum = c.momentum or 0.0
+    _fill_training(c, {})
     return c
