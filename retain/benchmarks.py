@@ -97,8 +97,6 @@ def where(name: str, data_dir: str | os.PathLike | None = None) -> str:
     b = get(name)
     try:
         folder = data.locate(b.dataset, data_dir)
-    except ConfigError:
-        raise
     except data.DataError as e:
         return f"problem: {e}"
     return str(folder) if folder else "not found (use --data-dir, RETAIN_DATA or --download)"

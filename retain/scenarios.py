@@ -54,7 +54,6 @@ class Batch:
     def cat(self, other: Batch) -> Batch:
         """Append ``other``'s rows (e.g. a replay batch) to this batch."""
         task = self.task if self.task == other.task else None
-        soft = None
         if self.soft is not None or other.soft is not None:
             raise ValueError("Batch.cat cannot join batches carrying soft targets; concatenate them yourself")
         return Batch(
@@ -63,7 +62,6 @@ class Batch:
             torch.cat([self.t, other.t]),
             torch.cat([self.is_new(), other.is_new()]),
             task,
-            soft,
         )
 
 
