@@ -51,6 +51,7 @@ class RunConfig:
     optimizer: str | None = None
     lr: float | None = None
     momentum: float | None = None
+    reset_optimizer: bool = False  # a fresh optimizer per task (the default carries its state, as the papers' code)
     seed: int = 0
     device: str = "auto"
     val_fraction: float = 0.0
@@ -81,6 +82,7 @@ class RunConfig:
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, iterations=self.iterations, batch_size=self.batch_size,
                            optimizer=self.optimizer, lr=self.lr, momentum=self.momentum, seed=self.seed,
+                           reset_optimizer=self.reset_optimizer,
                            device=self.device, task_free=self.task_free, blurry=self.blurry,
                            evaluate_val=self.val_fraction > 0)
 

@@ -113,6 +113,8 @@ def add_run_options(p: argparse.ArgumentParser, single_method: bool = True) -> N
     t.add_argument("--optimizer", choices=["adam", "sgd"])
     t.add_argument("--lr", type=float)
     t.add_argument("--momentum", type=float)
+    t.add_argument("--reset-optimizer", action="store_true", help="a fresh optimizer at each task (default: its "
+                   "state carries over, as in the reference code of the P1/P2 papers)")
     t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     t.add_argument("--val-fraction", type=float, default=0.0, help="hold out this share of each task's training "
                    "data as a validation split")
@@ -135,7 +137,8 @@ def run_config(args: argparse.Namespace, **over: Any):
         params=parse_params(args.param), n_tasks=args.n_tasks, arch=args.arch,
         hidden=parse_hidden(args.hidden) if args.hidden else None, epochs=args.epochs, iterations=args.iterations,
         batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
-        seed=getattr(args, "seed", 0), device=args.device, val_fraction=args.val_fraction,
+        reset_optimizer=args.reset_optimizer, seed=getattr(args, "seed", 0), device=args.device,
+        val_fraction=args.val_fraction,
         task_free=args.task_free, blurry=args.blurry, class_order=parse_int_list(args.class_order, "--class-order"),
         task_order=parse_int_list(args.task_order, "--task-order"), data_dir=args.data_dir, download=args.download,
     )

@@ -55,6 +55,9 @@ class TrainConfig:
     task_free: bool = False  # one stream, no task boundaries given to the method
     blurry: float = 0.0  # task-free only: width of the blurred transitions (see Scenario.stream)
     evaluate_val: bool = False  # also fill the accuracy matrix on the validation split (for model selection)
+    # False (van de Ven's and Hsu et al.'s reference code): the optimizer's state — Adam's moments, SGD's
+    # momentum — carries over task boundaries; parameters a method adds start fresh. True: a fresh optimizer per task.
+    reset_optimizer: bool = False
 
     def validate(self) -> None:
         if self.epochs < 1 and self.iterations is None:
@@ -174,6 +177,23 @@ class Context:
         """A warning shown once and stored in the result."""
         if message not in self.warnings:
             self.warnings.append(message)
+
+
+def optimizer_states(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, dict]:
+    """The optimizer's per-parameter state keyed by parameter name (survives a method replacing the optimizer
+    or adding parameters, and a checkpoint)."""
+    if optimizer is None:
+        return {}
+    return {n: dict(optimizer.state[p]) for n, p in model.named_parameters() if p in optimizer.state}
+
+
+def carry_states(model: nn.Module, optimizer: torch.optim.Optimizer, states: dict[str, dict]) -> None:
+    """Give ``optimizer`` the saved state of each of its parameters that has one of matching shape."""
+    mine = {p for g in optimizer.param_groups for p in g["params"]}
+    for n, p in model.named_parameters():
+        s = states.get(n)
+        if p in mine and s and all(v.shape == p.shape for v in s.values() if torch.is_tensor(v) and v.dim() > 0):
+            optimizer.state[p] = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in s.items()}
 
 
 @torch.no_grad()
@@ -306,13 +326,15 @@ def train(scenario: Scenario, method: Method, model: nn.Module, config: TrainCon
 
     def checkpoint(task: int, task_step: int, data: TaskData | None, boundary: bool = False) -> None:
         """Position ``(task, task_step)``: the next step to take; ``data`` is what the task iterates. At a task
-        boundary the optimizer is left out: ``begin_task`` may change the parameters, so it is rebuilt anyway."""
+        boundary the optimizer is rebuilt anyway (``begin_task`` may change the parameters), so only its state
+        by parameter name is kept, for the next task to carry."""
         if checkpointer is None:
             return
         checkpointer.save({
             "position": {"task": task, "task_step": task_step, "step": ctx.step},
             "model": ctx.model, "method": method.state_dict(),
             "optimizer": None if boundary or ctx.optimizer is None else ctx.optimizer.state_dict(),
+            "optimizer_carry": optimizer_states(ctx.model, ctx.optimizer) if boundary else None,
             "seen": ctx.seen, "data": data, "rng": rng_state(ctx), "R": R, "V": V, "baseline": baseline,
             "timings": dict(clock), "warnings": list(ctx.warnings)})
 
@@ -336,7 +358,7 @@ def train(scenario: Scenario, method: Method, model: nn.Module, config: TrainCon
         if checkpointer.interrupted:
             raise KeyboardInterrupt
 
-    start_task, start_step, data = 0, 0, None
+    start_task, start_step, data, carry = 0, 0, None, None
     if saved is None:
         t0 = time.perf_counter()
         baseline = evaluate(ctx, scenario)
@@ -353,6 +375,7 @@ def train(scenario: Scenario, method: Method, model: nn.Module, config: TrainCon
         if V is not None and saved["V"] is not None:
             V[:] = saved["V"]
         start_task, start_step, data = saved["position"]["task"], saved["position"]["task_step"], saved["data"]
+        carry = saved.get("optimizer_carry")
         if saved["optimizer"] is not None:
             ctx.task = start_task
             ctx.optimizer = ctx.make_optimizer()
@@ -393,8 +416,13 @@ def train(scenario: Scenario, method: Method, model: nn.Module, config: TrainCon
                 t0 = time.perf_counter()
                 mid_task = data is not None and task == start_task
                 if not mid_task:
+                    if ctx.optimizer is not None and not config.reset_optimizer:
+                        carry = optimizer_states(ctx.model, ctx.optimizer)
                     method.begin_task(ctx)
                     ctx.optimizer = ctx.make_optimizer()
+                    if carry and not config.reset_optimizer:
+                        carry_states(ctx.model, ctx.optimizer, carry)
+                    carry = None
                     data = method.task_data(ctx, view.task_data(task))
                 first = start_step if mid_task else 0
                 n_steps = config.iterations or config.epochs * math.ceil(len(data) / config.batch_size)

@@ -86,6 +86,25 @@ def test_optimizer_is_rebuilt_after_begin_task():
     assert g.extra.abs().sum() > 0
 
 
+@pytest.mark.parametrize("reset", [False, True])
+def test_optimizer_state_carries_over_tasks_unless_reset(reset):
+    """Adam's step count and moments continue into the next task (the P1/P2 reference code), or restart."""
+
+    @dataclass
+    class Steps(Method):
+        seen: list = field(default_factory=list)
+
+        def after_update(self, ctx, batch, out):
+            p = next(ctx.model.parameters())
+            self.seen.append((ctx.task, int(ctx.optimizer.state[p]["step"])))
+
+    sc = tiny_split("class", n_tasks=3)
+    m = Steps()
+    train(sc, m, MLP(8, sc.n_outputs, (8,)), TrainConfig(iterations=4, batch_size=8, reset_optimizer=reset))
+    first_of_task = [s for (t, s), prev in zip(m.seen, [(-1, 0)] + m.seen) if t != prev[0]]
+    assert first_of_task == ([1, 1, 1] if reset else [1, 5, 9])
+
+
 def test_same_seed_same_matrix_different_seed_different():
     a = retain.run(benchmark="split-digits", method="finetune", epochs=1, seed=3)
     b = retain.run(benchmark="split-digits", method="finetune", epochs=1, seed=3)
