@@ -5,6 +5,8 @@ Protocols (../shared/PROTOCOLS.md):
 * ``hsu`` — P1, Hsu et al. 2018 Table 2: Split-MNIST in task-, domain- and class-IL; MLP 400-400, 4 epochs per
   task, batch 128; fine-tuning and ER with Adam 1e-3, GEM with SGD 0.01 and margin 0.5; ER and GEM store
   1,100 samples (ER: class-balanced buffer of 1,100; GEM: 1,100 shared by the finished tasks, as in Hsu's code).
+  Inputs normalised as Hsu's loader does (mean 0.1000, std 0.2752, their statistics of the 32x32 padded image);
+  the 2-pixel zero padding itself is not replicated (for an MLP it only adds constant inputs, i.e. extra bias).
 * ``agem`` — P2, the A-GEM paper's permuted MNIST: 20 permutations, the first 3 kept for tuning, training and
   metrics on the other 17; MLP 256-256, one pass, batch 10, SGD 0.1; 250 samples per task; domain-IL (one head).
 * ``der`` — P3, Buzzega et al. 2020 Seq-MNIST: class-IL, MLP 100-100, 1 epoch, batch 10, SGD, reservoir buffer
@@ -74,7 +76,8 @@ def configs(a: argparse.Namespace) -> list[dict[str, Any]]:
                     out.append({"protocol": "hsu", "label": method, "column": mode, "method": method,
                                 "benchmark": "split-mnist", "mode": mode, "hidden": (400, 400),
                                 "epochs": a.epochs or 4, "batch_size": 128, "optimizer": opt, "lr": lr,
-                                "params": params, "published": HSU[(method, mode)]})
+                                "params": params, "published": HSU[(method, mode)],
+                                "normalize": (0.1000, 0.2752)})
     if "agem" in protocols:
         for method, params in (("finetune", {}), ("agem", {"memory_per_task": 250, "sample_size": 256}),
                                ("gem", {"memory_per_task": 250, "margin": 0.5})):
@@ -114,7 +117,7 @@ def configs(a: argparse.Namespace) -> list[dict[str, Any]]:
 
 def key(c: dict[str, Any], seed: int, a: argparse.Namespace) -> str:
     return json.dumps([c["protocol"], c["method"], c["column"], c["params"], c["epochs"], seed,
-                       a.train_per_task, c.get("n_tasks")], sort_keys=True, default=str)
+                       a.train_per_task, c.get("n_tasks"), c.get("normalize")], sort_keys=True, default=str)
 
 
 def run_one(c: dict[str, Any], seed: int, data_dir: str | None, train_per_task: int | None) -> dict[str, Any]:
@@ -133,6 +136,8 @@ def run_one(c: dict[str, Any], seed: int, data_dir: str | None, train_per_task: 
         g = torch.Generator().manual_seed(1000 + seed)
         for task in sc.tasks:
             task.train_idx = task.train_idx[torch.randperm(len(task.train_idx), generator=g)[:train_per_task]]
+    if c.get("normalize"):  # Hsu's loader: (x - mean) / std on [0, 1] pixels
+        sc.mean, sc.std = (c["normalize"][0],), (c["normalize"][1],)
     sc.name = c["benchmark"]  # presets are keyed by benchmark; explicit params below win
     t0 = time.perf_counter()
     r = api.run(scenario=sc, method=c["method"], params=c["params"], hidden=c["hidden"], epochs=c["epochs"],

@@ -37,8 +37,9 @@ class DGR(Method):
     (van de Ven's weighting: the replayed batch stands for t-1 tasks). The replayed rows' loss spans the outputs
     active now (class-IL: every class seen so far, the targets of the new ones 0), as in van de Ven's code. The
     generator (:class:`retain.ops.vae.VAE`) is trained on the same current + replayed inputs with the same
-    weights, by its own Adam optimizer (created in ``begin_task``, with the run's learning rate and betas unless
-    ``gen_lr`` is set), one step per classifier step.
+    weights, by its own Adam optimizer (created at the first task, with the run's learning rate and betas unless
+    ``gen_lr`` is set; its state carries over tasks like the classifier's, unless ``--reset-optimizer``), one step
+    per classifier step.
 
     Modes. Task-IL: each replayed row gets an old task drawn uniformly from 0..t-2; it is labelled by, and trained
     on, that task's head. Domain-IL: labels over all outputs. Class-IL: labels over the classes seen up to task t-1
@@ -91,7 +92,8 @@ class DGR(Method):
             self.old_generator = _frozen(self.generator)
             self.prev_seen = ctx.scenario.task_out[:ctx.task].any(0)
         c = ctx.config
-        self.gen_optimizer = torch.optim.Adam(self.generator.parameters(), lr=self.gen_lr or c.lr, betas=c.betas)
+        if self.gen_optimizer is None or c.reset_optimizer:  # its state carries over tasks, as the classifier's
+            self.gen_optimizer = torch.optim.Adam(self.generator.parameters(), lr=self.gen_lr or c.lr, betas=c.betas)
 
     def observe(self, ctx: Any, batch: Batch) -> Tensor:
         # The other hooks go through ctx.method, so that DGR inside a Compose (e.g. with EWC) keeps its partners'
