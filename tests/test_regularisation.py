@@ -72,6 +72,24 @@ def test_ewc_penalty_zero_at_anchor_and_closed_form():
     assert val(ewc.penalty(ctx, None, None)) == pytest.approx(expected, rel=1e-5)
 
 
+def test_ewc_separate_penalties_are_summed_exactly_at_the_cost_of_one():
+    """The combined form A (θ − m)² + c equals the sum of the per-task penalties, value and gradient."""
+    torch.manual_seed(1)
+    model = nn.Linear(5, 3)
+    ewc = EWC(lambda_=3.0)
+    ctx = stub(model)
+    for _ in range(4):
+        F = {n: torch.rand_like(p) * (torch.rand_like(p) > 0.3) for n, p in model.named_parameters()}  # some 0
+        ewc.penalties.append((F, {n: p.detach() + torch.randn_like(p) for n, p in model.named_parameters()}))
+    combined = ewc.penalty(ctx, None, None)
+    (g_combined,) = torch.autograd.grad(combined, model.weight)
+    params = dict(model.named_parameters())
+    separate = 1.5 * sum(quadratic_penalty(params, f, a) for f, a in ewc.penalties)
+    (g_separate,) = torch.autograd.grad(separate, model.weight)
+    assert val(combined) == pytest.approx(val(separate), rel=1e-5)
+    assert torch.allclose(g_combined, g_separate, rtol=1e-5, atol=1e-6)
+
+
 def test_ewc_consolidation_separate_vs_online():
     torch.manual_seed(0)
     model = nn.Linear(4, 4)

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from retain.errors import ConfigError
@@ -29,8 +30,11 @@ class EWC(Method):
       ``fisher=true`` draws y from the model's predictive distribution over the task's active outputs (its head
       in task-IL, the classes seen so far in class-IL), ``fisher=empirical`` uses the true labels.
     * ``online=false``: one penalty per earlier task, each with its own (F_t, θ*_t) (as in the paper's
-      multi-task form); the cost per step grows with the number of tasks. ``online=true``: one running Fisher
-      F ← γF + F_new and one anchor (the parameters after the latest task): constant cost per step.
+      multi-task form). Their sum is evaluated through its sufficient statistics,
+      Σ_t F_t (θ − θ*_t)² = A (θ − m)² + c with A = Σ_t F_t, m = Σ_t F_t θ*_t / A and a constant c (built in
+      float64 at each task end): the same value and gradient at the cost of one penalty, whatever the number of
+      tasks. ``online=true``: one running Fisher F ← γF + F_new and one anchor (the parameters after the latest
+      task).
 
     Deviations: the Fisher uses ``fisher_samples`` random training samples of the task (all by default), where
     the paper does not say how many; labels are *sampled* once per sample rather than summed over all classes
@@ -66,6 +70,7 @@ class EWC(Method):
         if not 0.0 <= self.gamma <= 1.0:
             raise ConfigError(f"{self.name}: gamma must be in [0, 1], got {self.gamma}")
         self.penalties: list[tuple[Params, Params]] = []  # (F_t, θ*_t); online: a single running pair
+        self._combined: tuple[Any, Params, Params, float] | None = None  # (key, A, m, c) of the penalties' sum
 
     def begin_task(self, ctx: Any) -> None:
         if ctx.scenario.mode == "class" and getattr(ctx, "method", self) is self:  # alone, not in a hybrid
@@ -76,8 +81,39 @@ class EWC(Method):
         if not self.penalties or self.lambda_ == 0:
             return None
         params = trainable(ctx.model)
-        total = sum(quadratic_penalty(params, f, anchor) for f, anchor in self.penalties)
-        return 0.5 * self.lambda_ * total
+        if len(self.penalties) == 1:
+            return 0.5 * self.lambda_ * quadratic_penalty(params, *self.penalties[0])
+        _, importance, centre, const = self.combined()
+        return 0.5 * self.lambda_ * (quadratic_penalty(params, importance, centre) + const)
+
+    def combined(self) -> tuple[Any, Params, Params, float]:
+        """The separate penalties as one: Σ_t F_t (θ − θ*_t)² = Σ_i A_i (θ_i − m_i)² + c (see the class doc).
+
+        Recomputed when the list of penalties changes; float64 inside, so the constant does not cancel badly.
+        """
+        key = (len(self.penalties), id(self.penalties[-1]))
+        if self._combined is None or self._combined[0] != key:
+            importance, centre, const = {}, {}, 0.0
+            for n, f0 in self.penalties[0][0].items():
+                a = b = q = torch.zeros(f0.shape, dtype=torch.float64, device=f0.device)
+                for f, anchor in self.penalties:
+                    f, x = f[n].double(), anchor[n].double()
+                    a, b, q = a + f, b + f * x, q + f * x * x
+                m = torch.where(a > 0, b / a.clamp_min(torch.finfo(torch.float64).tiny),
+                                self.penalties[-1][1][n].double())
+                const += float(q.sum() - (a * m * m).sum())
+                importance[n], centre[n] = a.to(f0.dtype), m.to(f0.dtype)
+            self._combined = (key, importance, centre, const)
+        return self._combined
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.pop("_combined", None)  # derived from the penalties
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._combined = None
 
     def end_task(self, ctx: Any) -> None:
         new = fisher_diagonal(ctx.model, task_batches(ctx, self.fisher_samples), self.fisher, ctx.rng,
