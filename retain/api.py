@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import platform
 import resource
 import sys
@@ -52,6 +53,7 @@ class RunConfig:
     lr: float | None = None
     momentum: float | None = None
     reset_optimizer: bool = False  # a fresh optimizer per task (the default carries its state, as the papers' code)
+    normalize: tuple[float, float] | None = None  # inputs (x - mean) / std on [0, 1] pixels (Hsu's MNIST: 0.1, 0.2752)
     seed: int = 0
     device: str = "auto"
     val_fraction: float = 0.0
@@ -148,6 +150,7 @@ def _check_shape(c: RunConfig, b: benchmarks.Benchmark) -> None:
         raise ConfigError(f"seed must be in 0..{2**32 - 1}, got {c.seed}")
     if not 0.0 <= c.val_fraction < 1.0:
         raise ConfigError(f"val_fraction must be in [0, 1), got {c.val_fraction}")
+    _check_normalize(c)
     if c.n_tasks < 1:
         raise ConfigError(f"n_tasks must be at least 1, got {c.n_tasks}")
     n_classes = DATASET_CLASSES.get(b.dataset)
@@ -198,6 +201,8 @@ def run(config: RunConfig | None = None, *, scenario: Scenario | None = None, mo
     else:
         config.benchmark, config.mode, config.n_tasks = scenario.name, scenario.mode, scenario.n_tasks
         config = _resolve_custom(config)
+    if config.normalize is not None:
+        scenario.mean, scenario.std = (config.normalize[0],), (config.normalize[1],)
     if method is None:
         method = create(config.method, config.params, preset=f"{config.benchmark}/{config.mode}")
     torch.manual_seed(config.seed)
@@ -234,4 +239,16 @@ def _resolve_custom(c: RunConfig) -> RunConfig:
     """Defaults for a user-built scenario (no benchmark table to draw from)."""
     c = dataclasses.replace(c, params=dict(c.params))
     _fill_training(c, {})
+    _check_normalize(c)
     return c
+
+
+def _check_normalize(c: RunConfig) -> None:
+    if c.normalize is None:
+        return
+    ok = (isinstance(c.normalize, (list, tuple)) and len(c.normalize) == 2
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in c.normalize)
+          and c.normalize[1] > 0)
+    if not ok:
+        raise ConfigError(f"normalize must be two numbers MEAN,STD with STD > 0, got {c.normalize!r}")
+    c.normalize = (float(c.normalize[0]), float(c.normalize[1]))

@@ -83,6 +83,16 @@ def parse_int_list(text: str | None, flag: str) -> list[int] | None:
         raise ConfigError(f"{flag} expects comma-separated integers like 0,1,2, got {text!r}") from None
 
 
+def parse_pair(text: str | None, flag: str) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        a, b = (float(p) for p in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{flag} expects two comma-separated numbers like 0.1,0.2752, got {text!r}") from None
+    return a, b
+
+
 def add_data_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", help="folder with the dataset files (else $RETAIN_DATA, ~/.cache/retain, ...)")
@@ -113,6 +123,8 @@ def add_run_options(p: argparse.ArgumentParser, single_method: bool = True) -> N
     t.add_argument("--optimizer", choices=["adam", "sgd"])
     t.add_argument("--lr", type=float)
     t.add_argument("--momentum", type=float)
+    t.add_argument("--normalize", metavar="MEAN,STD", help="inputs (x - MEAN) / STD on [0, 1] pixels, e.g. "
+                   "0.1,0.2752 as Hsu et al.'s MNIST loader (default: the dataset's own)")
     t.add_argument("--reset-optimizer", action="store_true", help="a fresh optimizer at each task (default: its "
                    "state carries over, as in the reference code of the P1/P2 papers)")
     t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
@@ -137,7 +149,8 @@ def run_config(args: argparse.Namespace, **over: Any):
         params=parse_params(args.param), n_tasks=args.n_tasks, arch=args.arch,
         hidden=parse_hidden(args.hidden) if args.hidden else None, epochs=args.epochs, iterations=args.iterations,
         batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
-        reset_optimizer=args.reset_optimizer, seed=getattr(args, "seed", 0), device=args.device,
+        reset_optimizer=args.reset_optimizer, normalize=parse_pair(args.normalize, "--normalize"),
+        seed=getattr(args, "seed", 0), device=args.device,
         val_fraction=args.val_fraction,
         task_free=args.task_free, blurry=args.blurry, class_order=parse_int_list(args.class_order, "--class-order"),
         task_order=parse_int_list(args.task_order, "--task-order"), data_dir=args.data_dir, download=args.download,

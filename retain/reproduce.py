@@ -69,7 +69,8 @@ P1_HSU = Protocol(
     "p1-hsu", "Split-MNIST, three scenarios (Hsu et al. 2018)",
     "Hsu et al. 2018, Re-evaluating continual learning scenarios, Table 2 (mean ± std, 10 runs)",
     "split-mnist", ("task", "domain", "class"),
-    {"hidden": (400, 400), "optimizer": "adam", "lr": 1e-3, "batch_size": 128, "epochs": 4, "iterations": None},
+    {"hidden": (400, 400), "optimizer": "adam", "lr": 1e-3, "batch_size": 128, "epochs": 4, "iterations": None,
+     "normalize": (0.1000, 0.2752)},  # their loader's normalisation (dataloaders/base.py)
     10,
     [
         Row("Adam (fine-tune)", "finetune", {}, _p((93.46, 2.01), (55.16, 1.38), (19.71, 0.08))),

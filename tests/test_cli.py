@@ -51,6 +51,8 @@ def test_iterations_and_n_tasks(tmp_path):
     (["run", "--lr", "-1"], "learning rate must be a positive number"),
     (["run", "--json", "/nonexistent-dir/x.json"], "does not exist"),
     (["run", "--benchmark", "split-kmnist", "--data-dir", "/nonexistent"], "does not exist"),
+    (["run", "--normalize", "0.1,x"], "--normalize expects two comma-separated numbers"),
+    (["run", "--normalize", "0.1,0"], "normalize must be two numbers MEAN,STD with STD > 0"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys):

@@ -105,6 +105,27 @@ def test_optimizer_state_carries_over_tasks_unless_reset(reset):
     assert first_of_task == ([1, 1, 1] if reset else [1, 5, 9])
 
 
+def test_normalize_gives_the_model_standardised_inputs():
+    """``normalize=(mean, std)`` (Hsu et al.'s MNIST loader) turns [0, 1] pixels into (x - mean) / std."""
+    from retain import benchmarks
+
+    @dataclass
+    class Peek(Method):
+        first: list = field(default_factory=list)
+
+        def after_update(self, ctx, batch, out):
+            if not self.first:
+                self.first.append(batch.x.clone())
+
+    plain, norm = Peek(), Peek()
+    retain.run(benchmark="split-digits", method=plain, iterations=1, n_tasks=2, seed=5)
+    retain.run(benchmark="split-digits", method=norm, iterations=1, n_tasks=2, seed=5, normalize=(0.25, 0.5))
+    x, xn = plain.first[0], norm.first[0]
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+    assert torch.allclose(xn, (x - 0.25) / 0.5)
+    assert benchmarks.scenario("split-digits").mean == (0.0,)  # the benchmark itself is untouched
+
+
 def test_same_seed_same_matrix_different_seed_different():
     a = retain.run(benchmark="split-digits", method="finetune", epochs=1, seed=3)
     b = retain.run(benchmark="split-digits", method="finetune", epochs=1, seed=3)
