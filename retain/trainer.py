@@ -166,11 +166,16 @@ class Context:
                 steps += 1
             epoch += 1
 
-    def fit(self, data: TaskData, epochs: int, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Extra training on ``data`` with the method's own step (PackNet's retraining after pruning)."""
+    def fit(self, data: TaskData, epochs: int | None = None, optimizer: torch.optim.Optimizer | None = None,
+            iterations: int | None = None) -> None:
+        """Extra training on ``data`` with the method's own step (PackNet's retraining after pruning): ``epochs``
+        passes or exactly ``iterations`` steps, in an order of its own (seeded by the run's seed and the task)."""
+        if (epochs is None) == (iterations is None):
+            raise ValueError("Context.fit needs epochs or iterations, not both")
         if optimizer is not None:
             self.optimizer = optimizer
-        for batch in self.batches(data, epochs=epochs, seed=self.config.seed * 31 + self.task + 10_000):
+        for batch in self.batches(data, epochs=epochs, iterations=iterations,
+                                  seed=self.config.seed * 31 + self.task + 10_000):
             self.method.observe(self, batch)
 
     def warn(self, message: str) -> None:

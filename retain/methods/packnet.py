@@ -131,14 +131,12 @@ class PackNet(Method):
                 kept[name] = n_keep
         self.kept.append(kept)
         data = ctx.scenario.task_data(task)
-        if self.retrain_iterations > 0:
+        if self.retrain_iterations > 0 or self.retrain_epochs > 0:
             self._phase(ctx, retraining=True)
-            ctx.optimizer = ctx.make_optimizer()
-            for batch in ctx.batches(data, iterations=self.retrain_iterations, seed=ctx.config.seed * 31 + task):
-                self.observe(ctx, batch)
-        elif self.retrain_epochs > 0:
-            self._phase(ctx, retraining=True)
-            ctx.fit(data, self.retrain_epochs, ctx.make_optimizer())
+            if self.retrain_iterations > 0:
+                ctx.fit(data, optimizer=ctx.make_optimizer(), iterations=self.retrain_iterations)
+            else:
+                ctx.fit(data, self.retrain_epochs, ctx.make_optimizer())
         for owner in self.head_owner.values():
             owner[ctx.scenario.task_out[task] & (owner == FREE)] = task
         self.done = task + 1
