@@ -204,7 +204,7 @@ def carry_states(model: nn.Module, optimizer: torch.optim.Optimizer, states: dic
 @torch.no_grad()
 def evaluate(ctx: Context, scenario: Scenario, split: str = "test") -> list[float]:
     """Accuracy on every task's ``split`` set (evaluation mask: task-IL its head, class-IL all classes)."""
-    was_training = ctx.model.training
+    modes = [(m, m.training) for m in ctx.model.modules()]  # restored per module: a method may keep some in eval
     ctx.model.eval()
     accs = []
     bs = ctx.config.eval_batch_size
@@ -219,7 +219,8 @@ def evaluate(ctx: Context, scenario: Scenario, split: str = "test") -> list[floa
             out = ctx.forward(b.x, b.t)
             correct += (masked(out, scenario.mask(j)).argmax(1) == b.y).sum()
         accs.append(int(correct) / len(idx))
-    ctx.model.train(was_training)
+    for m, training in modes:
+        m.training = training
     return accs
 
 

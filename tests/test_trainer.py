@@ -126,6 +126,20 @@ def test_normalize_gives_the_model_standardised_inputs():
     assert benchmarks.scenario("split-digits").mean == (0.0,)  # the benchmark itself is untouched
 
 
+def test_evaluation_restores_each_module_mode():
+    """A module a method keeps in eval mode (frozen normalisation) is still in eval mode after evaluating."""
+    from retain.trainer import Context, evaluate
+
+    sc = tiny_split("class", n_tasks=2)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, sc.n_outputs))
+    model.train()
+    model[1].eval()
+    ctx = Context(model, sc, TrainConfig(), Method(), torch.device("cpu"), torch.Generator(),
+                  torch.zeros(sc.n_outputs, dtype=torch.bool))
+    evaluate(ctx, sc)
+    assert model.training and model[0].training and not model[1].training
+
+
 def test_same_seed_same_matrix_different_seed_different():
     a = retain.run(benchmark="split-digits", method="finetune", epochs=1, seed=3)
     b = retain.run(benchmark="split-digits", method="finetune", epochs=1, seed=3)
