@@ -178,6 +178,19 @@ def _vmap_fisher(model, rows, labels, gen):
     return per_sample_grad_stat(model, nll, prepared, "square", engine="vmap")
 
 
+def test_predicted_label_fisher_is_the_empirical_formula_at_the_argmax():
+    """fisher=predicted (van de Ven's code): the squared gradients at the model's most likely class."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    x = torch.randn(1000, 3)
+    t = torch.zeros(1000, dtype=torch.long)
+    batches = [(x[i:i + 250], t[i:i + 250], torch.zeros(250, dtype=torch.long), None) for i in range(0, 1000, 250)]
+    got = fisher_diagonal(model, batches, "predicted")
+    want = logistic_fisher(model, x, model(x).detach().argmax(1))
+    for n in want:
+        assert torch.allclose(got[n], want[n], rtol=1e-4, atol=1e-7)
+
+
 def test_fisher_uses_only_active_outputs():
     torch.manual_seed(0)
     model = nn.Linear(3, 4)
@@ -218,9 +231,10 @@ def test_engines_agree_with_a_per_sample_loop():
 
 # ------------------------------------------------------------------------------------------------------------- SI
 
-def test_si_omega_is_the_path_integral_of_the_task_loss():
+@pytest.mark.parametrize("gradient", ["task", "total"])
+def test_si_omega_is_the_path_integral_of_the_task_loss(gradient):
     """Quadratic loss L(θ) = ½ Σ a (θ − target)², plain SGD: ω must be Σ_steps −g · Δθ with the *step's own* Δθ
-    (seed defect 3) and g the task-loss gradient (without SI's surrogate)."""
+    (seed defect 3) and g the task-loss gradient (without SI's surrogate; with it for gradient=total)."""
     torch.manual_seed(0)
     a = torch.tensor([1.0, 3.0, 0.5])
     lr, c, xi = 0.1, 0.7, 0.1
@@ -231,7 +245,7 @@ def test_si_omega_is_the_path_integral_of_the_task_loss():
             self.theta = nn.Parameter(torch.tensor([0.5, -1.0, 2.0]))
 
     model = Quad()
-    si = SI(c=c, xi=xi)
+    si = SI(c=c, xi=xi, gradient=gradient)
     ctx = stub(model)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
 
@@ -270,8 +284,9 @@ def test_si_omega_is_the_path_integral_of_the_task_loss():
     start = th.clone()
     for _ in range(4):
         g_task = a * (th - target2)
-        new = th - lr * (g_task + 2 * c * Omega * (th - anchor))
-        omega2 += -g_task * (new - th)
+        g_total = g_task + 2 * c * Omega * (th - anchor)
+        new = th - lr * g_total
+        omega2 += -(g_task if gradient == "task" else g_total) * (new - th)
         th = new
     train(target2, 4)
     assert torch.allclose(model.theta.detach(), th, rtol=1e-5)

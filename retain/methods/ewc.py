@@ -44,8 +44,9 @@ class EWC(Method):
     """
 
     lambda_: float = param(5000.0, "penalty strength (λ in the paper)")
-    fisher: str = param("true", "labels for the Fisher: true = sampled from the model, empirical = true labels",
-                        choices=("true", "empirical"))
+    fisher: str = param("true", "labels for the Fisher: true = sampled from the model, empirical = true labels, "
+                        "predicted = the model's most likely class (van de Ven's code)",
+                        choices=("true", "empirical", "predicted"))
     fisher_samples: int | None = param(None, "training samples of a task used for its Fisher (all when unset)")
     online: bool = param(False, "online EWC (Schwarz et al. 2018): one running Fisher and one anchor")
     gamma: float = param(1.0, "online only: decay of the old Fisher, F <- gamma F + F_new (γ)")
@@ -62,8 +63,8 @@ class EWC(Method):
     def __post_init__(self) -> None:
         if not (self.lambda_ >= 0 and math.isfinite(self.lambda_)):
             raise ConfigError(f"{self.name}: lambda must be a finite number >= 0, got {self.lambda_}")
-        if self.fisher not in ("true", "empirical"):
-            raise ConfigError(f"{self.name}: fisher must be true or empirical, got {self.fisher!r}")
+        if self.fisher not in ("true", "empirical", "predicted"):
+            raise ConfigError(f"{self.name}: fisher must be true, empirical or predicted, got {self.fisher!r}")
         if self.fisher_samples is not None and self.fisher_samples < 1:
             raise ConfigError(f"{self.name}: fisher_samples must be at least 1 (or unset for all), "
                               f"got {self.fisher_samples}")

@@ -35,9 +35,10 @@ class SI(Method):
     surrogate), as in the paper (ω measures each parameter's contribution to the decrease of the task's loss
     L_μ) and in Zenke et al.'s reference code (the "unregularised" gradient). It costs no extra backward pass:
     after backward, ``p.grad`` holds the total gradient and the surrogate's gradient is known in closed form,
-    2cΩ(θ − θ*), so ``before_update`` subtracts it. (van de Ven et al.'s implementation uses the total
-    gradient, surrogate included.) Composed with other methods, their loss terms count as "task loss", and a
-    method that rewrites ``p.grad`` in ``before_update`` before SI does changes g too.
+    2cΩ(θ − θ*), so ``before_update`` subtracts it. ``gradient=total`` keeps the surrogate's part, as van de
+    Ven et al.'s implementation does (their P1/P2 numbers were produced that way). Composed with other methods,
+    their loss terms count as "task loss", and a method that rewrites ``p.grad`` in ``before_update`` before SI
+    does changes g too.
 
     Deviations: none in the maths; ω is not clipped at 0 (the paper does not; with Adam an entry can be
     slightly negative). Default ξ = 0.1 follows van de Ven et al.'s split-MNIST setting (P1).
@@ -45,6 +46,8 @@ class SI(Method):
 
     c: float = param(1.0, "surrogate-loss strength (c in the paper)")
     xi: float = param(0.1, "damping of the normalisation by the squared total change (ξ in the paper)")
+    gradient: str = param("task", "gradient in the path integral: task (the paper; surrogate left out) or total "
+                          "(surrogate included, as van de Ven et al.'s code)", choices=("task", "total"))
 
     needs_boundaries = True
     presets = {
@@ -60,6 +63,8 @@ class SI(Method):
             raise ConfigError(f"si: c must be a finite number >= 0, got {self.c}")
         if not (self.xi > 0 and math.isfinite(self.xi)):
             raise ConfigError(f"si: xi must be a finite number > 0, got {self.xi}")
+        if self.gradient not in ("task", "total"):
+            raise ConfigError(f"si: gradient must be task or total, got {self.gradient!r}")
         self.omega: Params | None = None  # Ω, summed over finished tasks
         self.anchor: Params | None = None  # θ* = θ at the end of the previous task
         self.start: Params = {}  # θ at the start of the current task
@@ -86,7 +91,7 @@ class SI(Method):
             if p.grad is None:
                 continue
             g = p.grad.detach()
-            if self.omega is not None and self.c != 0:
+            if self.omega is not None and self.c != 0 and self.gradient == "task":
                 g = g - 2 * self.c * self.omega[n] * (p.detach() - self.anchor[n])
             self._grad[n] = g.clone()
             self._before[n] = p.detach().clone()

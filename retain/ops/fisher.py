@@ -186,18 +186,21 @@ def fisher_diagonal(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Te
 
     ``batches`` yields ``(x, t, y, mask)`` with ``mask`` the scenario's active outputs (``None`` = all).
     ``labels="true"``: ``y`` is drawn from the model's own predictive distribution (the Fisher information);
-    ``labels="empirical"``: the given ``y`` (the "empirical Fisher").
+    ``labels="empirical"``: the given ``y`` (the "empirical Fisher"); ``labels="predicted"``: the model's most
+    likely active class (van de Ven et al.'s code default; neither estimator of the Fisher, a common variant).
     """
-    if labels not in ("true", "empirical"):
-        raise ValueError(f"labels must be 'true' or 'empirical', got {labels!r}")
+    if labels not in ("true", "empirical", "predicted"):
+        raise ValueError(f"labels must be 'true', 'empirical' or 'predicted', got {labels!r}")
     fwd = forward if forward is not None else (lambda x, t: model(x))
 
     def rows() -> Iterable[tuple[Tensor, ...]]:
         for x, t, y, mask in batches:
-            logits = _eval_forward(model, fwd, x, t) if labels == "true" or mask is None else None
+            logits = _eval_forward(model, fwd, x, t) if labels != "empirical" or mask is None else None
             m = _rows(mask, len(x), mask.shape[-1] if logits is None else logits.shape[1], x.device)
             if labels == "true":
                 y = sample_predictive(logits, m, generator)
+            elif labels == "predicted":
+                y = _active(logits, m).argmax(1)
             yield x, t, y, m
 
     def nll(out: Tensor, y: Tensor, mask: Tensor) -> Tensor:
