@@ -154,7 +154,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", default="", help="comma-separated method labels to keep (e.g. dgr,finetune)")
     ap.add_argument("--modes", default="", help="comma-separated modes to keep, run in this order (e.g. class,task)")
     ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--out", default="reproduce_generative_architecture.jsonl")
+    ap.add_argument("--out", default="reproduce_generative_architecture.jsonl",
+                    help="JSON lines, appended; a rerun skips the runs already there (same protocol, method, mode, "
+                    "seed, iterations and tasks)")
     ap.add_argument("--summarise", default=None, help="print the tables of an existing JSONL file and exit")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -167,12 +169,21 @@ def main(argv: list[str] | None = None) -> None:
     only = set(filter(None, args.only.split(",")))
     modes = list(filter(None, args.modes.split(",")))
     rows = []
+    out = Path(args.out)
+    previous = [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.exists() else []
     for g in args.group.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             chosen = [s for s in specs[g] if not modes or s["mode"] in modes]
             chosen.sort(key=lambda s: modes.index(s["mode"]) if modes else 0)
             for spec in chosen:
                 if only and spec["label"] not in only:
+                    continue
+                done = [r for r in previous if (r["protocol"], r["label"], r["mode"], r["seed"],
+                                                r["config"].get("iterations"), r["config"].get("n_tasks")) ==
+                        (spec["protocol"], spec["label"], spec["mode"], seed, spec.get("iterations"),
+                         spec.get("n_tasks"))]
+                if done:
+                    rows.append(done[0])
                     continue
                 row = run_one(spec, seed, args.data_dir)
                 rows.append(row)
