@@ -340,7 +340,8 @@ def train(scenario: Scenario, method: Method, model: nn.Module, config: TrainCon
             "position": {"task": task, "task_step": task_step, "step": ctx.step},
             "model": ctx.model, "method": method.state_dict(),
             "optimizer": None if boundary or ctx.optimizer is None else ctx.optimizer.state_dict(),
-            "optimizer_carry": optimizer_states(ctx.model, ctx.optimizer) if boundary else None,
+            "optimizer_carry": optimizer_states(ctx.model, ctx.optimizer)
+            if boundary and not config.reset_optimizer else None,
             "seen": ctx.seen, "data": data, "rng": rng_state(ctx), "R": R, "V": V, "baseline": baseline,
             "timings": dict(clock), "warnings": list(ctx.warnings)})
 
