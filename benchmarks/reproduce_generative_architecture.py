@@ -54,7 +54,7 @@ def groups(args: argparse.Namespace) -> dict[str, list[dict]]:
         out["arch"].append({"protocol": "p1", "label": label, "method": label, "mode": "task", **p1})
     # A-GEM-style Permuted-MNIST with task ids (PNN and PackNet need them): MLP 256-256, SGD 0.1, batch 10
     agem = {"benchmark": "permuted-mnist", "mode": "task", "n_tasks": args.permuted_tasks, "hidden": (256, 256),
-            "optimizer": "sgd", "lr": 0.1, "batch_size": 10, "iterations": args.permuted_iterations}
+            "optimizer": "sgd", "lr": 0.1, "batch_size": 10, "iterations": args.permuted_iterations, "pad": 0}
     for label in ("finetune", "pnn", "packnet"):
         extra = {"params": {"retrain_iterations": max(1, args.permuted_iterations // 5)}} if label == "packnet" else {}
         out["permuted"].append({"protocol": "permuted", "label": label, "method": label, **agem, **extra})
@@ -99,7 +99,7 @@ def run_one(spec: dict, seed: int, data_dir: str | None) -> dict:
     result = retain.run(method=method, seed=seed, data_dir=data_dir, **spec)
     wall = time.perf_counter() - t0
     c = result.config
-    sc = retain.benchmarks.scenario(c["benchmark"], c["mode"], c["n_tasks"], seed, data_dir)
+    sc = retain.benchmarks.scenario(c["benchmark"], c["mode"], c["n_tasks"], seed, data_dir, pad=c["pad"])
     model = retain.models.build_model(c["arch"], sc.input_shape, sc.n_outputs, tuple(c["hidden"]))
     info = sizes(method, sum(p.numel() for p in model.parameters()))
     return {"protocol": protocol, "label": label, "mode": spec["mode"], "seed": seed, "params": method.params(),

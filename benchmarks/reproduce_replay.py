@@ -79,13 +79,15 @@ def configs(a: argparse.Namespace) -> list[dict[str, Any]]:
                                 "params": params, "published": HSU[(method, mode)],
                                 "normalize": (0.1000, 0.2752)})
     if "agem" in protocols:
-        for method, params in (("finetune", {}), ("agem", {"memory_per_task": 250, "sample_size": 256}),
-                               ("gem", {"memory_per_task": 250, "margin": 0.5})):
+        # Learning rates: the authors' replicate_results_iclr19.sh (VAN 0.03, A-GEM 0.1); GEM: its paper's 0.1
+        for method, lr, params in (("finetune", 0.03, {}),
+                                   ("agem", 0.1, {"memory_per_task": 250, "sample_size": 256}),
+                                   ("gem", 0.1, {"memory_per_task": 250, "margin": 0.5})):
             if keep(method):
                 out.append({"protocol": "agem", "label": method, "column": "domain", "method": method,
                             "benchmark": "permuted-mnist", "mode": "domain", "hidden": (256, 256),
-                            "epochs": a.epochs or 1, "batch_size": 10, "optimizer": "sgd", "lr": 0.1,
-                            "params": params, "published": AGEM[method], "skip_tasks": 3,
+                            "epochs": a.epochs or 1, "batch_size": 10, "optimizer": "sgd", "lr": lr,
+                            "params": params, "published": AGEM[method], "skip_tasks": 3, "pad": 0,
                             "n_tasks": 3 + (a.tasks or 17)})
     if "der" in protocols:
         buffers = [int(b) for b in a.buffers.split(",")]
@@ -117,7 +119,7 @@ def configs(a: argparse.Namespace) -> list[dict[str, Any]]:
 
 def key(c: dict[str, Any], seed: int, a: argparse.Namespace) -> str:
     return json.dumps([c["protocol"], c["method"], c["column"], c["params"], c["epochs"], seed,
-                       a.train_per_task, c.get("n_tasks"), c.get("normalize")], sort_keys=True, default=str)
+                       a.train_per_task, c.get("n_tasks"), c.get("normalize"), c["lr"]], sort_keys=True, default=str)
 
 
 def run_one(c: dict[str, Any], seed: int, data_dir: str | None, train_per_task: int | None) -> dict[str, Any]:
@@ -126,7 +128,7 @@ def run_one(c: dict[str, Any], seed: int, data_dir: str | None, train_per_task: 
     from retain import api, benchmarks
 
     torch.set_num_threads(1)
-    sc = benchmarks.scenario(c["benchmark"], c["mode"], c.get("n_tasks"), seed, data_dir)
+    sc = benchmarks.scenario(c["benchmark"], c["mode"], c.get("n_tasks"), seed, data_dir, pad=c.get("pad"))
     skip = c.get("skip_tasks", 0)
     if skip:  # A-GEM protocol: the first tasks were only for tuning
         sc.tasks = sc.tasks[skip:]

@@ -54,6 +54,7 @@ class RunConfig:
     momentum: float | None = None
     reset_optimizer: bool = False  # a fresh optimizer per task (the default carries its state, as the papers' code)
     normalize: tuple[float, float] | None = None  # inputs (x - mean) / std on [0, 1] pixels (Hsu's MNIST: 0.1, 0.2752)
+    pad: int | None = None  # zero pixels added around each image before permuting (van de Ven's P2 loader: 2)
     seed: int = 0
     device: str = "auto"
     val_fraction: float = 0.0
@@ -80,6 +81,11 @@ class RunConfig:
         c.train_config().validate()
         _check_shape(c, b)
         return c
+
+    def scenario(self) -> Scenario:
+        """The benchmark scenario of this (resolved) configuration."""
+        return benchmarks.scenario(self.benchmark, self.mode, self.n_tasks, self.seed, self.data_dir, self.download,
+                                   self.val_fraction, self.class_order, self.task_order, pad=self.pad)
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, iterations=self.iterations, batch_size=self.batch_size,
@@ -195,9 +201,7 @@ def run(config: RunConfig | None = None, *, scenario: Scenario | None = None, mo
         config.method = method.name
     if scenario is None:
         config = config.resolved()
-        scenario = benchmarks.scenario(config.benchmark, config.mode, config.n_tasks, config.seed,
-                                       config.data_dir, config.download, config.val_fraction,
-                                       config.class_order, config.task_order)
+        scenario = config.scenario()
     else:
         config.benchmark, config.mode, config.n_tasks = scenario.name, scenario.mode, scenario.n_tasks
         config = _resolve_custom(config)
@@ -230,15 +234,20 @@ def _fill_training(c: RunConfig, d: dict[str, Any]) -> None:
         c.epochs, c.iterations = d.get("epochs", 1), d.get("iterations")
     elif c.epochs is None:
         c.epochs = 1
-    for k, default in (("batch_size", 128), ("optimizer", "adam"), ("lr", 1e-3), ("momentum", 0.0)):
+    for k, default in (("batch_size", 128), ("optimizer", "adam"), ("lr", 1e-3), ("momentum", 0.0), ("pad", 0)):
         if getattr(c, k) is None:
             setattr(c, k, d.get(k, default))
+    if isinstance(c.pad, bool) or not isinstance(c.pad, int) or c.pad < 0:
+        raise ConfigError(f"pad must be a whole number of pixels >= 0, got {c.pad!r}")
 
 
 def _resolve_custom(c: RunConfig) -> RunConfig:
     """Defaults for a user-built scenario (no benchmark table to draw from)."""
     c = dataclasses.replace(c, params=dict(c.params))
     _fill_training(c, {})
+    if c.pad:
+        raise ConfigError(f"pad={c.pad} applies to the named benchmarks; pad your own images before building the "
+                          "scenario (retain.data.pad)")
     _check_normalize(c)
     return c
 

@@ -125,6 +125,9 @@ def add_run_options(p: argparse.ArgumentParser, single_method: bool = True) -> N
     t.add_argument("--momentum", type=float)
     t.add_argument("--normalize", metavar="MEAN,STD", help="inputs (x - MEAN) / STD on [0, 1] pixels, e.g. "
                    "0.1,0.2752 as Hsu et al.'s MNIST loader (default: the dataset's own)")
+    t.add_argument("--pad", type=int, metavar="PIXELS", help="zero pixels added on each side of every image before "
+                   "the tasks' transforms (default: the benchmark's; permuted-mnist pads to 32x32 as van de Ven's "
+                   "loader)")
     t.add_argument("--reset-optimizer", action="store_true", help="a fresh optimizer at each task (default: its "
                    "state carries over, as in the reference code of the P1/P2 papers)")
     t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
@@ -149,7 +152,7 @@ def run_config(args: argparse.Namespace, **over: Any):
         params=parse_params(args.param), n_tasks=args.n_tasks, arch=args.arch,
         hidden=parse_hidden(args.hidden) if args.hidden else None, epochs=args.epochs, iterations=args.iterations,
         batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
-        reset_optimizer=args.reset_optimizer, normalize=parse_pair(args.normalize, "--normalize"),
+        reset_optimizer=args.reset_optimizer, normalize=parse_pair(args.normalize, "--normalize"), pad=args.pad,
         seed=getattr(args, "seed", 0), device=args.device,
         val_fraction=args.val_fraction,
         task_free=args.task_free, blurry=args.blurry, class_order=parse_int_list(args.class_order, "--class-order"),
@@ -221,14 +224,13 @@ def parse_run(argv: list[str]) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from retain import api, benchmarks
+    from retain import api
 
     cfg = check_run(args)
     if args.dry_run:
         print(json.dumps(cfg.to_dict(), sort_keys=True))
         return 0
-    scenario = benchmarks.scenario(cfg.benchmark, cfg.mode, cfg.n_tasks, cfg.seed, cfg.data_dir, cfg.download,
-                                   cfg.val_fraction, cfg.class_order, cfg.task_order)
+    scenario = cfg.scenario()
     recorder = _Recorder(args, cfg)  # the store and the checkpoint, when asked for
     if recorder.stored is not None:
         result = api.Result(**{k: recorder.stored[k] for k in ("config", "accuracy_matrix", "baseline", "metrics",

@@ -53,7 +53,7 @@ def execute(spec: dict[str, Any], options: dict[str, Any], index: int = 0,
             report: Report | None = None) -> Outcome:
     """Run one job and describe how it went. Never raises for a run's own failure: a diverged run, a bad
     configuration or a crash inside a method becomes a ``failed`` outcome with the reason (and step)."""
-    from retain import api, benchmarks
+    from retain import api
     from retain.checkpoint import Checkpointer
     from retain.experiments import ensure_methods, only_task, spec_hash
     from retain.trainer import TrainingError
@@ -75,8 +75,7 @@ def execute(spec: dict[str, Any], options: dict[str, Any], index: int = 0,
     try:
         ensure_methods([fields["method"]])
         cfg = api.RunConfig(**fields)
-        scenario = benchmarks.scenario(cfg.benchmark, cfg.mode, cfg.n_tasks, cfg.seed, cfg.data_dir, cfg.download,
-                                       cfg.val_fraction, cfg.class_order, cfg.task_order)
+        scenario = cfg.scenario()
         if spec.get("alone") is not None:
             scenario = only_task(scenario, spec["alone"])
         result = api.run(cfg, scenario=scenario, progress=progress, checkpointer=ckpt)

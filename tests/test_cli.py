@@ -53,6 +53,8 @@ def test_iterations_and_n_tasks(tmp_path):
     (["run", "--benchmark", "split-kmnist", "--data-dir", "/nonexistent"], "does not exist"),
     (["run", "--normalize", "0.1,x"], "--normalize expects two comma-separated numbers"),
     (["run", "--normalize", "0.1,0"], "normalize must be two numbers MEAN,STD with STD > 0"),
+    (["run", "--pad", "-1"], "pad must be a whole number of pixels >= 0, got -1"),
+    (["run", "--pad", "two"], "argument --pad: invalid int value"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from retain import scenarios
-from retain.data import Arrays, make_synthetic
+from retain.data import Arrays, make_synthetic, pad
 from retain.errors import ConfigError
 
 from .conftest import tiny_split
@@ -152,3 +152,25 @@ def test_from_tensors_and_from_dataset_agree():
     assert torch.equal(a.x_train, b.x_train)
     with pytest.raises(ConfigError, match="labels"):
         scenarios.from_tensors(data.x_train, data.y_train[:-1], data.x_test, data.y_test)
+
+
+def test_pad_adds_a_zero_border_that_the_permutation_then_spreads():
+    """van de Ven's loader pads MNIST to 32x32 before permuting: the border is zeros, the interior is the image,
+    and the permutation runs over every padded position."""
+    data = _digits_like()
+    padded = pad(data, 2)
+    assert padded.x_train.shape[1:] == (1, 12, 12) and padded.x_test.shape[1:] == (1, 12, 12)
+    assert torch.equal(padded.x_train[:, :, 2:10, 2:10], data.x_train)
+    border = padded.x_train.clone()
+    border[:, :, 2:10, 2:10] = 0
+    assert int(border.abs().sum()) == 0
+    assert pad(data, 0) is data
+    sc = scenarios.permuted(padded, "domain", n_tasks=3, seed=1)
+    assert sc.transform_params.shape == (3, 144) and sc.input_shape == (1, 12, 12)
+    x = sc.batch(torch.arange(4), 2).x.view(4, -1)
+    assert (x == 0).sum(1).min() >= 144 - 64  # at most the 64 image pixels are non-zero, wherever they went
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="pad must be a whole number of pixels"):
+            pad(data, bad)
+    with pytest.raises(ConfigError, match="pad needs image data"):
+        pad(make_synthetic(), 2)

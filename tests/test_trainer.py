@@ -126,6 +126,30 @@ def test_normalize_gives_the_model_standardised_inputs():
     assert benchmarks.scenario("split-digits").mean == (0.0,)  # the benchmark itself is untouched
 
 
+def test_pad_reaches_the_model_and_is_the_benchmark_protocol_by_default():
+    """``pad`` (a run field) enlarges every image, so the model is built for the padded input; permuted-mnist's
+    protocol (van de Ven's P2) pads by 2 unless told otherwise; a user-built scenario refuses it."""
+    from retain import benchmarks
+    from retain.api import RunConfig
+
+    @dataclass
+    class Peek(Method):
+        shape: list = field(default_factory=list)
+
+        def after_update(self, ctx, batch, out):
+            self.shape.append(tuple(batch.x.shape[1:]))
+
+    peek = Peek()
+    r = retain.run(benchmark="split-digits", method=peek, iterations=1, n_tasks=2, seed=0, pad=3)
+    assert peek.shape[0] == (1, 14, 14) and r.config["pad"] == 3
+    assert RunConfig(benchmark="permuted-mnist").resolved().pad == 2
+    assert RunConfig(benchmark="permuted-mnist", pad=0).resolved().pad == 0
+    assert RunConfig(benchmark="split-mnist").resolved().pad == 0
+    assert benchmarks.scenario("split-digits").input_shape == (1, 8, 8)  # the cached arrays are untouched
+    with pytest.raises(ConfigError, match="applies to the named benchmarks"):
+        retain.run(scenario=tiny_split("task"), method="finetune", iterations=1, pad=2)
+
+
 def test_evaluation_restores_each_module_mode():
     """A module a method keeps in eval mode (frozen normalisation) is still in eval mode after evaluating."""
     from retain.trainer import Context, evaluate
