@@ -98,7 +98,8 @@ def run_one(protocol: str, method: str, seed: int, args: argparse.Namespace, par
     cfg = result.config
     steps = cfg["iterations"] * cfg["n_tasks"] if cfg["iterations"] else None
     return {"protocol": protocol, "method": method, "seed": seed, "params": cfg["params"],
-            "iterations": cfg["iterations"], "n_tasks": cfg["n_tasks"], "steps": steps, "acc": result.metrics["acc"],
+            "iterations": cfg["iterations"], "n_tasks": cfg["n_tasks"], "pad": cfg["pad"], "steps": steps,
+            "acc": result.metrics["acc"],
             "bwt": result.metrics["bwt"], "train_s": result.timings["train_s"],
             "wall_s": time.perf_counter() - t0, "warnings": result.warnings}
 
