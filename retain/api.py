@@ -27,6 +27,7 @@ from torch import nn
 import retain
 from retain import benchmarks
 from retain.checkpoint import Checkpointer
+from retain.data import check_pad
 from retain.errors import ConfigError
 from retain.method import Method, create
 from retain.metrics import all_metrics
@@ -237,8 +238,7 @@ def _fill_training(c: RunConfig, d: dict[str, Any]) -> None:
     for k, default in (("batch_size", 128), ("optimizer", "adam"), ("lr", 1e-3), ("momentum", 0.0), ("pad", 0)):
         if getattr(c, k) is None:
             setattr(c, k, d.get(k, default))
-    if isinstance(c.pad, bool) or not isinstance(c.pad, int) or c.pad < 0:
-        raise ConfigError(f"pad must be a whole number of pixels >= 0, got {c.pad!r}")
+    check_pad(c.pad)
 
 
 def _resolve_custom(c: RunConfig) -> RunConfig:

@@ -179,6 +179,12 @@ def load_cifar_folder(folder: str | os.PathLike, n_classes: int) -> Arrays:
     return Arrays(f"cifar{n_classes}", *parts["train"], *parts["test"], n_classes, mean, std, str(folder))
 
 
+def check_pad(pixels: object) -> None:
+    """Refuse a padding that is not a whole number of pixels >= 0."""
+    if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < 0:
+        raise ConfigError(f"pad must be a whole number of pixels >= 0, got {pixels!r}")
+
+
 def pad(arrays: Arrays, pixels: int) -> Arrays:
     """Zero-pad every image of ``arrays`` by ``pixels`` on each side (MNIST 28x28 -> 32x32 with 2).
 
@@ -186,8 +192,7 @@ def pad(arrays: Arrays, pixels: int) -> Arrays:
     permutation then runs over 1,024 positions of which ~40% never carry ink, so each task leaves more first-layer
     weights untouched and the tasks overlap less (docs/regularisation.md measures the effect).
     """
-    if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < 0:
-        raise ConfigError(f"pad must be a whole number of pixels >= 0, got {pixels!r}")
+    check_pad(pixels)
     if pixels == 0:
         return arrays
     if arrays.x_train.dim() != 4:
