@@ -384,6 +384,30 @@ def test_lwf_distils_the_old_outputs_per_mode():
     assert float(distillation(old_out, old_out, 2.0)) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_lwf_seen_class_targets_pad_the_new_classes_with_zero():
+    """class_targets=seen (van de Ven's class-IL LwF): softmax over old + new classes, new classes' targets 0."""
+    torch.manual_seed(0)
+    old_out = torch.randn(16, 4)
+    new_out = torch.randn(16, 4, requires_grad=True)
+    model = nn.Linear(4, 4)
+    lwf = LwF(alpha=0.5, temperature=3.0, class_targets="seen")
+    ctx = toy_context(model, lwf, "class")
+    ctx.task = 1
+    lwf.begin_task(ctx)
+    lwf.old = lambda _x: old_out
+    got = lwf.penalty(ctx, SimpleNamespace(x=old_out), new_out)
+    head0, head1 = ctx.scenario.task_out[0], ctx.scenario.task_out[1]
+    q = F.softmax(old_out[:, head0] / 3.0, 1)
+    both = torch.cat([new_out[:, head0], new_out[:, head1]], 1)
+    log_p = F.log_softmax(both / 3.0, 1)[:, :int(head0.sum())]  # the student's softmax runs over all four classes
+    want = 0.5 * (q * (q.log() - log_p)).sum(1).mean()
+    assert val(got) == pytest.approx(val(want), rel=1e-5)
+    (g,) = torch.autograd.grad(got, new_out)
+    assert torch.all(g[:, head1] > 0)  # a descent step lowers the new classes' logits on the current inputs
+    # not 0 at the old model, unlike class_targets=old: the new classes still take probability mass
+    assert val(lwf.penalty(ctx, SimpleNamespace(x=old_out), old_out)) > 1e-3
+
+
 # ------------------------------------------------------------------------------------------------ behaviour, config
 
 @pytest.fixture(scope="module")
@@ -420,7 +444,7 @@ def test_class_il_warns_once():
 @pytest.mark.parametrize("name,params", [
     ("ewc", {"lambda": -1}), ("ewc", {"gamma": 1.5}), ("ewc", {"fisher": "bogus"}), ("ewc", {"fisher_samples": 0}),
     ("online_ewc", {"lambda": float("inf")}), ("si", {"c": -1}), ("si", {"xi": 0}), ("mas", {"lambda": -0.1}),
-    ("lwf", {"alpha": -1}), ("lwf", {"temperature": 0}),
+    ("lwf", {"alpha": -1}), ("lwf", {"temperature": 0}), ("lwf", {"class_targets": "all"}),
 ])
 def test_bad_params_raise_config_error(name, params):
     with pytest.raises(ConfigError, match=next(iter(params))):

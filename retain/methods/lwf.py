@@ -27,6 +27,20 @@ def distillation(student: Tensor, teacher: Tensor, temperature: float) -> Tensor
     return (log_q.exp() * (log_q - log_p)).sum(1).mean()
 
 
+def padded_distillation(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """Distillation of a teacher over the first ``k`` outputs into a student over ``k + m`` outputs.
+
+    The teacher's softmax is padded with probability 0 for the student's extra outputs (the classes the teacher
+    never saw), as van de Ven et al.'s code does for LwF in class-IL: KL(q ‖ softmax(student / T)) with q the
+    padded target. Unlike :func:`distillation` this is not 0 at the teacher: it also pushes the student's extra
+    outputs down on the current inputs, which is what lets LwF beat fine-tuning a little in class-IL.
+    """
+    k = teacher.shape[1]
+    log_p = F.log_softmax(student / temperature, dim=1)[:, :k]
+    log_q = F.log_softmax(teacher / temperature, dim=1)
+    return (log_q.exp() * (log_q - log_p)).sum(1).mean()
+
+
 @register("lwf")
 @dataclass
 class LwF(Method):
@@ -40,7 +54,10 @@ class LwF(Method):
 
     * task-IL: each earlier task's head, each with its own softmax; the per-head losses are summed (one L_old
       per old task, as in the paper's multi-task form);
-    * class-IL: the logits of the classes of earlier tasks, one softmax over them;
+    * class-IL: the logits of the classes of earlier tasks, one softmax over them (``class_targets = old``);
+      or, with ``class_targets = seen`` (van de Ven et al.'s code, behind their published class-IL numbers), the
+      student's softmax over every class seen so far, the current task's included, toward the old model's
+      softmax over the earlier classes padded with 0 for the new ones (:func:`padded_distillation`);
     * domain-IL: the shared outputs.
 
     Deviations: the targets come from the frozen copy on the fly (one extra no-grad forward per step) instead of
@@ -54,6 +71,8 @@ class LwF(Method):
 
     alpha: float = param(1.0, "weight of the distillation loss (λ_o in the paper)")
     temperature: float = param(2.0, "distillation temperature (T in the paper)")
+    class_targets: str = param("old", "class-IL only: 'old' (softmax over the earlier classes) or 'seen' "
+                                      "(softmax over all classes seen so far, new classes' targets 0)")
 
     needs_boundaries = True
     presets = {
@@ -69,6 +88,8 @@ class LwF(Method):
             raise ConfigError(f"lwf: alpha must be a finite number >= 0, got {self.alpha}")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ConfigError(f"lwf: temperature must be a finite number > 0, got {self.temperature}")
+        if self.class_targets not in ("old", "seen"):
+            raise ConfigError(f"lwf: class_targets must be 'old' or 'seen', got {self.class_targets!r}")
         self.old: nn.Module | None = None
         self.old_tasks: list[int] = []
 
@@ -95,7 +116,12 @@ class LwF(Method):
             loss = sum(distillation(out[:, h], target[:, h], T) for h in heads)
         elif scenario.mode == "class":
             old = scenario.task_out[self.old_tasks].any(0)
-            loss = distillation(out[:, old], target[:, old], T)
+            if self.class_targets == "seen":
+                new = scenario.task_out[ctx.task] & ~old
+                student = torch.cat([out[:, old], out[:, new]], 1)
+                loss = padded_distillation(student, target[:, old], T)
+            else:
+                loss = distillation(out[:, old], target[:, old], T)
         else:
             loss = distillation(out, target, T)
         return self.alpha * loss
