@@ -17,26 +17,17 @@ from retain.scenarios import Batch
 
 
 def distillation(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
-    """KL(softmax(teacher / T) ‖ softmax(student / T)) summed over the outputs, averaged over rows.
+    """KL(q ‖ softmax(student / T)) with q = softmax(teacher / T), summed over the outputs, averaged over rows.
 
     Li & Hoiem's L_old is the cross-entropy −Σ y'_o log ŷ'_o; the KL differs from it by the teacher's entropy,
     a constant, so the gradient is the same and the loss is 0 when the student equals the teacher.
+
+    The student may have more outputs than the teacher (its first ``k`` are the teacher's): q is then padded with
+    probability 0 for the extra ones, as van de Ven et al.'s code does for LwF in class-IL, while the student's
+    softmax runs over all of them. The loss is then not 0 at the teacher: it also pushes the extra outputs down
+    on the current inputs.
     """
-    log_p = F.log_softmax(student / temperature, dim=1)
-    log_q = F.log_softmax(teacher / temperature, dim=1)
-    return (log_q.exp() * (log_q - log_p)).sum(1).mean()
-
-
-def padded_distillation(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
-    """Distillation of a teacher over the first ``k`` outputs into a student over ``k + m`` outputs.
-
-    The teacher's softmax is padded with probability 0 for the student's extra outputs (the classes the teacher
-    never saw), as van de Ven et al.'s code does for LwF in class-IL: KL(q ‖ softmax(student / T)) with q the
-    padded target. Unlike :func:`distillation` this is not 0 at the teacher: it also pushes the student's extra
-    outputs down on the current inputs, which is what lets LwF beat fine-tuning a little in class-IL.
-    """
-    k = teacher.shape[1]
-    log_p = F.log_softmax(student / temperature, dim=1)[:, :k]
+    log_p = F.log_softmax(student / temperature, dim=1)[:, :teacher.shape[1]]
     log_q = F.log_softmax(teacher / temperature, dim=1)
     return (log_q.exp() * (log_q - log_p)).sum(1).mean()
 
@@ -57,7 +48,7 @@ class LwF(Method):
     * class-IL: the logits of the classes of earlier tasks, one softmax over them (``class_targets = old``);
       or, with ``class_targets = seen`` (van de Ven et al.'s code, behind their published class-IL numbers), the
       student's softmax over every class seen so far, the current task's included, toward the old model's
-      softmax over the earlier classes padded with 0 for the new ones (:func:`padded_distillation`);
+      softmax over the earlier classes padded with 0 for the new ones (:func:`distillation`);
     * domain-IL: the shared outputs.
 
     Deviations: the targets come from the frozen copy on the fly (one extra no-grad forward per step) instead of
@@ -119,7 +110,7 @@ class LwF(Method):
             if self.class_targets == "seen":
                 new = scenario.task_out[ctx.task] & ~old
                 student = torch.cat([out[:, old], out[:, new]], 1)
-                loss = padded_distillation(student, target[:, old], T)
+                loss = distillation(student, target[:, old], T)
             else:
                 loss = distillation(out[:, old], target[:, old], T)
         else:
