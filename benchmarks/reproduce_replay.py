@@ -30,6 +30,7 @@ protocol's), ``--train-per-task`` (a random subset of each task's training set, 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -122,10 +123,12 @@ def key(c: dict[str, Any], seed: int, a: argparse.Namespace) -> str:
                        a.train_per_task, c.get("n_tasks"), c.get("normalize"), c["lr"]], sort_keys=True, default=str)
 
 
-def run_one(c: dict[str, Any], seed: int, data_dir: str | None, train_per_task: int | None) -> dict[str, Any]:
+def run_one(c: dict[str, Any], seed: int, data_dir: str | None, train_per_task: int | None,
+            checkpoint: str | None = None) -> dict[str, Any]:
     import torch
 
     from retain import api, benchmarks
+    from retain.checkpoint import Checkpointer
 
     torch.set_num_threads(1)
     sc = benchmarks.scenario(c["benchmark"], c["mode"], c.get("n_tasks"), seed, data_dir, pad=c.get("pad"))
@@ -139,18 +142,29 @@ def run_one(c: dict[str, Any], seed: int, data_dir: str | None, train_per_task: 
         for task in sc.tasks:
             task.train_idx = task.train_idx[torch.randperm(len(task.train_idx), generator=g)[:train_per_task]]
     sc.name = c["benchmark"]  # presets are keyed by benchmark; explicit params below win
+    # a long run (GEM on the A-GEM protocol: hours) checkpoints every 500 steps and at each task boundary, and a
+    # rerun of the same command resumes it; the file is removed when the run finishes
+    ckpt = None
+    if checkpoint:
+        ckpt = Checkpointer(checkpoint, every=500, resume=True, fingerprint=Path(checkpoint).stem)
     t0 = time.perf_counter()
     r = api.run(scenario=sc, method=c["method"], params=c["params"], hidden=c["hidden"], epochs=c["epochs"],
                 batch_size=c["batch_size"], optimizer=c["optimizer"], lr=c["lr"], seed=seed, device="cpu",
-                normalize=c.get("normalize"))  # Hsu's loader: (x - mean) / std on [0, 1] pixels
+                normalize=c.get("normalize"),  # Hsu's loader: (x - mean) / std on [0, 1] pixels
+                checkpointer=ckpt)
     return {"acc": r.metrics["acc"], "forgetting": r.metrics["forgetting"], "wall_s": time.perf_counter() - t0,
             "train_s": r.timings["train_s"]}
 
 
+def checkpoint_path(ckpt_dir: str | None, k: str) -> str | None:
+    return str(Path(ckpt_dir) / f"{hashlib.sha256(k.encode()).hexdigest()[:16]}.ckpt") if ckpt_dir else None
+
+
 def _job(args: tuple) -> tuple[str, dict[str, Any], int, dict[str, Any]]:
-    k, c, seed, data_dir, tpt = args
+    k, c, seed, data_dir, tpt, ckpt_dir = args
+    ckpt = checkpoint_path(ckpt_dir, k)
     try:
-        return k, c, seed, run_one(c, seed, data_dir, tpt)
+        return k, c, seed, run_one(c, seed, data_dir, tpt, ckpt)
     except Exception as e:  # keep the other runs going; the table shows the failure
         return k, c, seed, {"error": f"{type(e).__name__}: {e}"}
 
@@ -200,6 +214,8 @@ def main() -> None:
     ap.add_argument("--grid-buffers", default="200,1100", help="EWC + ER grid: buffer sizes")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (one thread each)")
     ap.add_argument("--out", default="replay_results.jsonl", help="JSON lines, appended; reruns skip done runs")
+    ap.add_argument("--checkpoint-dir", help="checkpoint each run here (every 500 steps) and resume it when the "
+                    "same command is run again, e.g. after the machine stopped; for runs of hours (GEM on agem)")
     ap.add_argument("--table-only", action="store_true", help="print the table of --out and exit")
     a = ap.parse_args()
     seeds = [int(s) for s in a.seeds.split(",")]
@@ -215,7 +231,7 @@ def main() -> None:
         for c in configs(a):
             k = key(c, seed, a)
             if k not in done or "error" in done[k]["result"]:
-                todo.append((k, c, seed, a.data_dir, a.train_per_task))
+                todo.append((k, c, seed, a.data_dir, a.train_per_task, a.checkpoint_dir))
     if not a.table_only:
         print(f"{len(todo)} runs to do ({len(done)} already in {out})", flush=True)
         with ProcessPoolExecutor(a.jobs) if a.jobs > 1 else _Serial() as pool:
@@ -226,6 +242,9 @@ def main() -> None:
                 done[k] = rec
                 with out.open("a") as f:
                     f.write(json.dumps(rec, default=str) + "\n")
+                ckpt = checkpoint_path(a.checkpoint_dir, k)
+                if ckpt and "acc" in res:  # recorded: the checkpoint has served
+                    Path(ckpt).unlink(missing_ok=True)
                 shown = f"{100 * res['acc']:.2f}" if "acc" in res else res["error"]
                 print(f"{c['protocol']:>7} {c['label']:<18} {c['column']:<12} seed {seed}: {shown}", flush=True)
     wanted = {key(c, s, a) for c in configs(a) for s in seeds}

@@ -57,6 +57,7 @@ def test_architecture_methods_refuse_other_modes_before_training(name, mode):
 
 @pytest.mark.parametrize("name, params", [
     ("packnet", {"prune_ratio": 1.0}), ("packnet", {"prune_ratio": 0}), ("packnet", {"retrain_epochs": -1}),
+    ("packnet", {"shares": "half"}),
     ("dgr", {"temperature": 0}), ("dgr", {"replay_ratio": 0}), ("dgr", {"z_dim": 0}),
     ("pnn", {"hidden": "4,x"}), ("pnn", {"column": "lstm"}),
     ("oml", {"inner_steps": -1}), ("oml", {"inner_lr": 0}),
@@ -150,9 +151,9 @@ def test_pnn_conv_columns_for_colour_images():
 
 # ---------------------------------------------------------------------------------------------- PackNet
 
-def _packnet_run(prune_ratio=0.5, n_tasks=3):
+def _packnet_run(prune_ratio=0.5, n_tasks=3, **params):
     sc = tiny_split("task", n_tasks=n_tasks)
-    pk = create("packnet", {"prune_ratio": prune_ratio, "retrain_epochs": 1})
+    pk = create("packnet", {"prune_ratio": prune_ratio, "retrain_epochs": 1, **params})
     snaps = _record_after_each_task(pk, sc)
     torch.manual_seed(0)
     model = MLP(8, sc.n_outputs, (16, 16))
@@ -203,6 +204,18 @@ def test_packnet_masks_are_disjoint_and_keep_the_ratio():
         assert int((owner == -1).sum()) == free
     # the kept weights are the largest of the candidates: every released one is exactly zero
     assert all(bool((dict(model.named_parameters())[n][o == -1] == 0).all()) for n, o in pk.owner.items())
+
+
+def test_packnet_equal_shares_give_every_task_a_third_of_each_layer():
+    sc, pk, model, snaps, _, _ = _packnet_run(prune_ratio=0.9, shares="equal")  # the ratio is ignored
+    for name, owner in pk.owner.items():
+        n = owner.numel()
+        first = round(n / 3)  # task 0 keeps 1/3 of everything, task 1 half of the rest, task 2 all that is left
+        second = round((n - first) / 2)
+        assert [pk.kept[j][name] for j in range(3)] == [first, second, n - first - second]
+        assert [int((owner == j).sum()) for j in range(3)] == [first, second, n - first - second]
+        assert int((owner == -1).sum()) == 0
+    assert all(torch.equal(snaps[j][j], snaps[-1][j]) for j in range(3))
 
 
 def test_packnet_forward_masks_later_weights_without_writing_them():

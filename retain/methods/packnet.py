@@ -45,22 +45,32 @@ class PackNet(Method):
     tenth); the paper also prunes after the last task only when more tasks may follow — here every task is pruned
     the same way, so each task's share is ``(1 - prune_ratio)`` of the weights that were free when it began;
     ``retrain_iterations`` (not in the paper) bounds retraining in steps for single-pass protocols.
+
+    ``shares=equal`` (not in the paper, which prunes each added task by a fixed ratio) ignores ``prune_ratio``
+    and gives every task of the scenario the same share: task k of T keeps 1/(T - k) of the weights still free, so
+    each owns 1/T of every prunable layer (the last task keeps everything left). With a fixed ratio r task k keeps
+    (1 - r) r^k of a layer: at r = 0.5 the 17th task would keep about one weight of a 256 x 256 layer.
     """
 
     prune_ratio: float = param(0.5, "fraction of a task's free weights released after it (pruning ratio)")
     retrain_epochs: int = param(1, "epochs of retraining the kept weights after pruning")
     retrain_iterations: int = param(0, "if > 0: retrain for this many steps instead of retrain_epochs epochs")
+    shares: str = param("ratio", "ratio: each task keeps (1 - prune_ratio) of the free weights; equal: task k of T "
+                        "keeps 1/(T - k) of them, so every task owns 1/T", choices=("ratio", "equal"))
 
     modes = ("task",)
     needs_boundaries = True
-    # Permuted-MNIST is a single-pass protocol (A-GEM): retrain 100 steps instead of a whole extra epoch.
-    presets = {"permuted-mnist/task": {"retrain_iterations": 100}}
+    # Permuted-MNIST is a single-pass protocol (A-GEM) with many tasks: retrain 100 steps instead of a whole extra
+    # epoch, and share the network equally (a fixed ratio starves the later tasks of 17).
+    presets = {"permuted-mnist/task": {"retrain_iterations": 100, "shares": "equal"}}
 
     def __post_init__(self) -> None:
         if not 0.0 < self.prune_ratio < 1.0:
             raise ConfigError(f"packnet: prune_ratio must be in (0, 1), got {self.prune_ratio}")
         if self.retrain_epochs < 0 or self.retrain_iterations < 0:
             raise ConfigError("packnet: retrain_epochs and retrain_iterations must be >= 0")
+        if self.shares not in ("ratio", "equal"):
+            raise ConfigError(f"packnet: shares must be ratio or equal, got {self.shares!r}")
         self.owner: dict[str, Tensor] = {}  # prunable weight name -> owner task per element (FREE = -1)
         self.head_owner: dict[str, Tensor] = {}  # head weight / bias name -> owner task per output row
         self.trainable: dict[str, Tensor] = {}  # name -> bool mask of the elements the current phase may move
@@ -115,6 +125,9 @@ class PackNet(Method):
     # ------------------------------------------------------------------------------------------ end of task
     def end_task(self, ctx: Any) -> None:
         task = ctx.task
+        keep_fraction = 1.0 - self.prune_ratio
+        if self.shares == "equal":
+            keep_fraction = 1.0 / max(1, ctx.scenario.n_tasks - task)
         kept = {}
         with torch.no_grad():
             params = dict(ctx.model.named_parameters())
@@ -122,7 +135,7 @@ class PackNet(Method):
                 p = params[name]
                 free = (owner == FREE).flatten()
                 candidates = free.nonzero().flatten()
-                n_keep = int(round((1.0 - self.prune_ratio) * len(candidates)))
+                n_keep = int(round(keep_fraction * len(candidates)))
                 keep = candidates[torch.topk(p.flatten()[candidates].abs(), n_keep).indices]
                 owner.view(-1)[keep] = task
                 released = free.clone()
