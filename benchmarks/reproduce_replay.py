@@ -85,11 +85,12 @@ def configs(a: argparse.Namespace) -> list[dict[str, Any]]:
                                    ("agem", 0.1, {"memory_per_task": 250, "sample_size": 256}),
                                    ("gem", 0.1, {"memory_per_task": 250, "margin": 0.5})):
             if keep(method):
-                out.append({"protocol": "agem", "label": method, "column": "domain", "method": method,
+                label = f"{method} (A-GEM init)" if a.init == "agem" else method
+                out.append({"protocol": "agem", "label": label, "column": "domain", "method": method,
                             "benchmark": "permuted-mnist", "mode": "domain", "hidden": (256, 256),
                             "epochs": a.epochs or 1, "batch_size": 10, "optimizer": "sgd", "lr": lr,
                             "params": params, "published": AGEM[method], "skip_tasks": 3, "pad": 0,
-                            "n_tasks": 3 + (a.tasks or 17)})
+                            "n_tasks": 3 + (a.tasks or 17), **({"init": "agem"} if a.init == "agem" else {})})
     if "der" in protocols:
         buffers = [int(b) for b in a.buffers.split(",")]
         for method, table in DER_ARGS.items():
@@ -120,7 +121,8 @@ def configs(a: argparse.Namespace) -> list[dict[str, Any]]:
 
 def key(c: dict[str, Any], seed: int, a: argparse.Namespace) -> str:
     return json.dumps([c["protocol"], c["method"], c["column"], c["params"], c["epochs"], seed,
-                       a.train_per_task, c.get("n_tasks"), c.get("normalize"), c["lr"]], sort_keys=True, default=str)
+                       a.train_per_task, c.get("n_tasks"), c.get("normalize"), c["lr"]]
+                      + ([c["init"]] if "init" in c else []), sort_keys=True, default=str)
 
 
 def run_one(c: dict[str, Any], seed: int, data_dir: str | None, train_per_task: int | None,
@@ -147,8 +149,20 @@ def run_one(c: dict[str, Any], seed: int, data_dir: str | None, train_per_task: 
     ckpt = None
     if checkpoint:
         ckpt = Checkpointer(checkpoint, every=500, resume=True, fingerprint=Path(checkpoint).stem)
+    model = None
+    if c.get("init") == "agem":  # the A-GEM code's initialisation: truncated normal (std 0.1) weights, biases 0.1
+        from retain.models import build_model
+
+        torch.manual_seed(seed)
+        model = build_model("mlp", sc.input_shape, sc.n_outputs, tuple(c["hidden"]))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.fill_(0.1)
+                else:  # TensorFlow's truncated normal redraws beyond two standard deviations
+                    torch.nn.init.trunc_normal_(p, std=0.1, a=-0.2, b=0.2)
     t0 = time.perf_counter()
-    r = api.run(scenario=sc, method=c["method"], params=c["params"], hidden=c["hidden"], epochs=c["epochs"],
+    r = api.run(scenario=sc, model=model, method=c["method"], params=c["params"], hidden=c["hidden"], epochs=c["epochs"],
                 batch_size=c["batch_size"], optimizer=c["optimizer"], lr=c["lr"], seed=seed, device="cpu",
                 normalize=c.get("normalize"),  # Hsu's loader: (x - mean) / std on [0, 1] pixels
                 checkpointer=ckpt)
@@ -214,6 +228,8 @@ def main() -> None:
     ap.add_argument("--grid-buffers", default="200,1100", help="EWC + ER grid: buffer sizes")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (one thread each)")
     ap.add_argument("--out", default="replay_results.jsonl", help="JSON lines, appended; reruns skip done runs")
+    ap.add_argument("--init", choices=("torch", "agem"), default="torch", help="A-GEM protocol: PyTorch's default "
+                    "initialisation, or the A-GEM code's (truncated normal std 0.1, biases 0.1)")
     ap.add_argument("--checkpoint-dir", help="checkpoint each run here (every 500 steps) and resume it when the "
                     "same command is run again, e.g. after the machine stopped; for runs of hours (GEM on agem)")
     ap.add_argument("--table-only", action="store_true", help="print the table of --out and exit")
