@@ -13,6 +13,7 @@ parameters the method trains or stores (classifier, PNN columns, VAE generator, 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 import retain
+from retain.checkpoint import Checkpointer
 
 # Published final average accuracy (%). P1: van de Ven et al., arXiv 1809.10635 Table 3 (mean ± SEM, 20 seeds).
 PUBLISHED = {
@@ -98,13 +100,16 @@ def sizes(method: retain.method.Method, model_params: int) -> dict:
     return got
 
 
-def run_one(spec: dict, seed: int, data_dir: str | None) -> dict:
+def run_one(spec: dict, seed: int, data_dir: str | None, checkpoint: Path | None = None) -> dict:
+    """One run; with ``checkpoint`` it saves its state there every 500 steps and at task boundaries, and resumes
+    from the file when it exists (a run stopped with the machine continues when the same command runs again)."""
     spec = dict(spec)
     protocol, label, params = spec.pop("protocol"), spec.pop("label"), spec.pop("params", {})
     name = spec.pop("method")
     method = retain.method.create(name, params, preset=f"{spec['benchmark']}/{spec['mode']}")
     t0 = time.perf_counter()
-    result = retain.run(method=method, seed=seed, data_dir=data_dir, **spec)
+    ckpt = Checkpointer(checkpoint, every=500, resume=True, fingerprint=checkpoint.stem) if checkpoint else None
+    result = retain.run(method=method, seed=seed, data_dir=data_dir, checkpointer=ckpt, **spec)
     wall = time.perf_counter() - t0
     c = result.config
     sc = retain.benchmarks.scenario(c["benchmark"], c["mode"], c["n_tasks"], seed, data_dir, pad=c["pad"])
@@ -167,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
                     "seed, iterations and tasks)")
     ap.add_argument("--summarise", default=None, help="print the tables of an existing JSONL file and exit")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--checkpoint-dir", default=None, help="checkpoint each run here (every 500 steps) and resume "
+                    "it when the same command runs again, e.g. after the machine stopped")
     args = ap.parse_args(argv)
     if args.summarise:
         rows = [json.loads(line) for line in Path(args.summarise).read_text().splitlines() if line.strip()]
@@ -193,10 +200,17 @@ def main(argv: list[str] | None = None) -> None:
                 if done:
                     rows.append(done[0])
                     continue
-                row = run_one(spec, seed, args.data_dir)
+                ckpt = None
+                if args.checkpoint_dir:
+                    ident = json.dumps([spec["protocol"], spec["label"], spec["mode"], seed, spec.get("iterations"),
+                                        spec.get("n_tasks")])
+                    ckpt = Path(args.checkpoint_dir) / f"{hashlib.sha256(ident.encode()).hexdigest()[:16]}.ckpt"
+                row = run_one(spec, seed, args.data_dir, ckpt)
                 rows.append(row)
                 with open(args.out, "a") as f:
                     f.write(json.dumps(row) + "\n")
+                if ckpt is not None:  # recorded: the checkpoint has served
+                    ckpt.unlink(missing_ok=True)
                 print(f"{row['protocol']:9s} {row['label']:12s} {row['mode']:6s} seed {seed}: ACC "
                       f"{100 * row['acc']:.2f}  BWT {100 * row['bwt']:+.2f}  train {row['train_s']:.0f} s",
                       flush=True)

@@ -162,8 +162,9 @@ def run_one(c: dict[str, Any], seed: int, data_dir: str | None, train_per_task: 
                 else:  # TensorFlow's truncated normal redraws beyond two standard deviations
                     torch.nn.init.trunc_normal_(p, std=0.1, a=-0.2, b=0.2)
     t0 = time.perf_counter()
-    r = api.run(scenario=sc, model=model, method=c["method"], params=c["params"], hidden=c["hidden"], epochs=c["epochs"],
-                batch_size=c["batch_size"], optimizer=c["optimizer"], lr=c["lr"], seed=seed, device="cpu",
+    r = api.run(scenario=sc, model=model, method=c["method"], params=c["params"], hidden=c["hidden"],
+                epochs=c["epochs"], batch_size=c["batch_size"], optimizer=c["optimizer"], lr=c["lr"], seed=seed,
+                device="cpu",
                 normalize=c.get("normalize"),  # Hsu's loader: (x - mean) / std on [0, 1] pixels
                 checkpointer=ckpt)
     return {"acc": r.metrics["acc"], "forgetting": r.metrics["forgetting"], "wall_s": time.perf_counter() - t0,
