@@ -86,9 +86,9 @@ class MER(Method):
         losses = []
         for i in range(len(batch)):
             current = Batch(batch.x[i:i + 1], batch.y[i:i + 1], batch.t[i:i + 1], None, batch.task)
-            start_a = [p.detach().clone() for p in params]
+            start_a = [p.detach().clone() for p in params] if self.gamma != 1.0 else []
             for _ in range(self.batches_per_example):
-                start_w = [p.detach().clone() for p in params]
+                start_w = [p.detach().clone() for p in params] if self.beta != 1.0 else []
                 rows = [current]
                 replay = replay_batch(self.memory, self.replay_batch - 1, ctx.rng)
                 if replay is not None:
@@ -108,10 +108,9 @@ class MER(Method):
     def _sgd(self, ctx: Any, params: list[torch.nn.Parameter], row: Batch, lr: float) -> Tensor:
         loss = ctx.loss(ctx.forward(row.x, row.t), row)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        with torch.no_grad():
-            for p, g in zip(params, grads):
-                if g is not None:
-                    p.sub_(lr * g)
+        used = [(p, g) for p, g in zip(params, grads) if g is not None]
+        with torch.no_grad():  # one fused call: this step runs s·k times per example, so its overhead counts
+            torch._foreach_add_([p for p, _ in used], [g for _, g in used], alpha=-lr)
         return loss.detach()
 
 
@@ -120,5 +119,5 @@ def _interpolate(params: list[torch.nn.Parameter], start: list[Tensor], rate: fl
     """θ ← θ_0 + rate (θ − θ_0) (a no-op when rate = 1)."""
     if rate == 1.0:
         return
-    for p, p0 in zip(params, start):
-        p.copy_(p0 + rate * (p - p0))
+    torch._foreach_lerp_(start, params, rate)  # start ← start + rate (θ − start), then θ ← start
+    torch._foreach_copy_(params, start)
