@@ -13,7 +13,6 @@ parameters the method trains or stores (classifier, PNN columns, VAE generator, 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import statistics
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 import retain
-from retain.checkpoint import Checkpointer
+from retain.checkpoint import Checkpointer, CheckpointError, check_folder, run_path
 
 # Published final average accuracy (%). P1: van de Ven et al., arXiv 1809.10635 Table 3 (mean ± SEM, 20 seeds).
 PUBLISHED = {
@@ -34,7 +33,8 @@ PUBLISHED = {
     ("p1", "dgr+distill", "task"): "99.59 ± 0.03", ("p1", "dgr+distill", "domain"): "96.94 ± 0.14",
     ("p1", "dgr+distill", "class"): "91.84 ± 0.27",
     # A-GEM (Chaudhry et al. 2019) Permuted-MNIST, 17 evaluated tasks, MLP 256-256, one pass, batch 10
-    ("permuted", "pnn", "task"): "93.5 (forgetting 0)", ("permuted", "finetune", "task"): "47.9 (single head)",
+    ("permuted", "pnn", "task"): "93.5 (forgetting 0)", ("permuted", "pnn-agem-code", "task"): "93.5",
+    ("permuted", "finetune", "task"): "47.9 (single head)",
     # Riemer et al. 2019, MNIST Rotations, 20 tasks x 1000 examples, 5120 memories (as recalled, not re-checked)
     ("rotated", "mer", "domain"): "89.56 ± 0.11 (5120 memories)",
 }
@@ -60,6 +60,9 @@ def groups(args: argparse.Namespace) -> dict[str, list[dict]]:
     for label in ("finetune", "pnn", "packnet"):
         extra = {"params": {"retrain_iterations": max(1, args.permuted_iterations // 5)}} if label == "packnet" else {}
         out["permuted"].append({"protocol": "permuted", "label": label, "method": label, **agem, **extra})
+    # the PNN of the A-GEM authors' code: linear laterals into every layer (input included), their TF init
+    out["permuted"].append({"protocol": "permuted", "label": "pnn-agem-code", "method": "pnn", **agem,
+                            "params": {"lateral": "linear", "init": "agem"}})
     # MER's online protocol (Riemer et al. 2019, the authors' mer_examples.sh): MNIST Rotations, 20 tasks x 1000
     # examples seen once, MLP 100-100, plain SGD. MER (Algorithm 1) per incoming example: s batches of the example
     # and 10 memories (k = 11 here, where k counts the current example), one SGD step per example at lr α, β 0.01,
@@ -179,6 +182,11 @@ def main(argv: list[str] | None = None) -> None:
         rows = [json.loads(line) for line in Path(args.summarise).read_text().splitlines() if line.strip()]
         print(summarise(rows))
         return
+    if args.checkpoint_dir:
+        try:
+            check_folder(args.checkpoint_dir)
+        except CheckpointError as e:
+            ap.error(str(e))
     torch.set_num_threads(args.threads)
     specs = groups(args)
     only = set(filter(None, args.only.split(",")))
@@ -202,9 +210,9 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 ckpt = None
                 if args.checkpoint_dir:
-                    ident = json.dumps([spec["protocol"], spec["label"], spec["mode"], seed, spec.get("iterations"),
-                                        spec.get("n_tasks")])
-                    ckpt = Path(args.checkpoint_dir) / f"{hashlib.sha256(ident.encode()).hexdigest()[:16]}.ckpt"
+                    ckpt = run_path(args.checkpoint_dir, json.dumps([spec["protocol"], spec["label"], spec["mode"],
+                                                                     seed, spec.get("iterations"),
+                                                                     spec.get("n_tasks")]))
                 row = run_one(spec, seed, args.data_dir, ckpt)
                 rows.append(row)
                 with open(args.out, "a") as f:

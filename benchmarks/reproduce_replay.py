@@ -30,7 +30,6 @@ protocol's), ``--train-per-task`` (a random subset of each task's training set, 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -151,16 +150,10 @@ def run_one(c: dict[str, Any], seed: int, data_dir: str | None, train_per_task: 
         ckpt = Checkpointer(checkpoint, every=500, resume=True, fingerprint=Path(checkpoint).stem)
     model = None
     if c.get("init") == "agem":  # the A-GEM code's initialisation: truncated normal (std 0.1) weights, biases 0.1
-        from retain.models import build_model
+        from retain.models import build_model, init_agem_
 
         torch.manual_seed(seed)
-        model = build_model("mlp", sc.input_shape, sc.n_outputs, tuple(c["hidden"]))
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("bias"):
-                    p.fill_(0.1)
-                else:  # TensorFlow's truncated normal redraws beyond two standard deviations
-                    torch.nn.init.trunc_normal_(p, std=0.1, a=-0.2, b=0.2)
+        model = init_agem_(build_model("mlp", sc.input_shape, sc.n_outputs, tuple(c["hidden"])))
     t0 = time.perf_counter()
     r = api.run(scenario=sc, model=model, method=c["method"], params=c["params"], hidden=c["hidden"],
                 epochs=c["epochs"], batch_size=c["batch_size"], optimizer=c["optimizer"], lr=c["lr"], seed=seed,
@@ -172,7 +165,9 @@ def run_one(c: dict[str, Any], seed: int, data_dir: str | None, train_per_task: 
 
 
 def checkpoint_path(ckpt_dir: str | None, k: str) -> str | None:
-    return str(Path(ckpt_dir) / f"{hashlib.sha256(k.encode()).hexdigest()[:16]}.ckpt") if ckpt_dir else None
+    from retain.checkpoint import run_path
+
+    return str(run_path(ckpt_dir, k)) if ckpt_dir else None
 
 
 def _job(args: tuple) -> tuple[str, dict[str, Any], int, dict[str, Any]]:
@@ -235,6 +230,13 @@ def main() -> None:
                     "same command is run again, e.g. after the machine stopped; for runs of hours (GEM on agem)")
     ap.add_argument("--table-only", action="store_true", help="print the table of --out and exit")
     a = ap.parse_args()
+    if a.checkpoint_dir:
+        from retain.checkpoint import CheckpointError, check_folder
+
+        try:
+            check_folder(a.checkpoint_dir)
+        except CheckpointError as e:
+            ap.error(str(e))
     seeds = [int(s) for s in a.seeds.split(",")]
     out = Path(a.out)
     done: dict[str, dict[str, Any]] = {}

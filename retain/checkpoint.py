@@ -108,6 +108,25 @@ def set_rng_state(ctx: Any, state: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------------------------- the policy
 
+def run_path(folder: str | os.PathLike, key: str) -> Path:
+    """The checkpoint file, in ``folder``, of the run that ``key`` identifies (any string naming the run's
+    configuration): the first 16 hex digits of the key's SHA-256, so the same command finds it again."""
+    return Path(folder) / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.ckpt"
+
+
+def check_folder(folder: str | os.PathLike) -> None:
+    """Create ``folder`` if needed and make sure a file can be written there, before hours of training depend on
+    it; a :class:`CheckpointError` naming the folder otherwise."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoints to {folder}: {e.strerror or e}; "
+                              "choose a writable folder") from None
+
+
 class Checkpointer:
     """When and where a run checkpoints, and whether it resumes. Given to :func:`retain.trainer.train`.
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
@@ -68,6 +69,19 @@ class ResNet18(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
+
+
+def init_agem_(module: nn.Module) -> nn.Module:
+    """The A-GEM authors' TensorFlow initialisation (Chaudhry et al. 2019, ``model/model.py``), in place: every
+    weight drawn from a normal with std 0.1 truncated (redrawn) beyond two standard deviations, every bias 0.1.
+    Used to check published numbers that depend on it (``reproduce_replay.py --init agem``, PNN ``init=agem``)."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("bias"):
+                p.fill_(0.1)
+            elif p.dim() > 0:
+                nn.init.trunc_normal_(p, std=0.1, a=-0.2, b=0.2)
+    return module
 
 
 def parse_hidden(text: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:

@@ -92,6 +92,17 @@ def test_checkpoint_of_another_config_is_refused(tmp_path):
         Checkpointer(path, resume=True, fingerprint="bbb").load()
 
 
+def test_run_path_is_stable_and_an_unwritable_folder_is_refused_up_front(tmp_path):
+    key = json.dumps(["agem", "gem", 0])
+    assert checkpoint.run_path(tmp_path, key) == checkpoint.run_path(str(tmp_path), key)
+    assert checkpoint.run_path(tmp_path, key) != checkpoint.run_path(tmp_path, key + " ")
+    checkpoint.check_folder(tmp_path / "new" / "folder")  # created
+    assert (tmp_path / "new" / "folder").is_dir() and not any((tmp_path / "new" / "folder").iterdir())
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CheckpointError, match="cannot write checkpoints to .*file.*choose a writable folder"):
+        checkpoint.check_folder(tmp_path / "file")
+
+
 def _retain(*args: str) -> list[str]:
     return [sys.executable, "-m", "retain.cli", *args]
 

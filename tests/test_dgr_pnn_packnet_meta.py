@@ -59,7 +59,8 @@ def test_architecture_methods_refuse_other_modes_before_training(name, mode):
     ("packnet", {"prune_ratio": 1.0}), ("packnet", {"prune_ratio": 0}), ("packnet", {"retrain_epochs": -1}),
     ("packnet", {"shares": "half"}),
     ("dgr", {"temperature": 0}), ("dgr", {"replay_ratio": 0}), ("dgr", {"z_dim": 0}),
-    ("pnn", {"hidden": "4,x"}), ("pnn", {"column": "lstm"}),
+    ("pnn", {"hidden": "4,x"}), ("pnn", {"column": "lstm"}), ("pnn", {"lateral": "dense"}),
+    ("pnn", {"init": "xavier"}), ("pnn", {"lateral": "linear", "column": "conv"}),
     ("oml", {"inner_steps": -1}), ("oml", {"inner_lr": 0}),
     ("mer", {"beta": 0}), ("mer", {"gamma": 1.5}), ("mer", {"batches_per_example": 0}),
 ])
@@ -117,6 +118,45 @@ def test_pnn_laterals_come_from_the_layer_below():
     with torch.no_grad():
         pnn.columns[0].layers[0].weight.add_(1.0)
     assert not torch.allclose(before, pnn.forward(ctx, x, t))
+
+
+def test_pnn_linear_laterals_as_in_the_agem_code():
+    """lateral=linear, init=agem: column k's layer i adds Σ_j (U_j h_{i-1}^(j) + b_j) over the earlier columns,
+    the first layer from each column's copy of x; column k has k + 1 times one column's parameters."""
+    sc = tiny_split("task", n_tasks=3)
+    pnn = create("pnn", {"hidden": "7,5", "lateral": "linear", "init": "agem"})
+    snaps = _record_after_each_task(pnn, sc)
+    torch.manual_seed(0)
+    out = train(sc, pnn, MLP(8, sc.n_outputs, (7, 5)), TrainConfig(iterations=30, batch_size=16, lr=0.01))
+    for j in range(3):
+        assert torch.equal(snaps[j][j], snaps[-1][j]), f"task {j}'s outputs moved"
+    R = torch.tensor(out.accuracy_matrix)
+    assert all(R[i, j] == R[j, j] for j in range(3) for i in range(j, 3))
+    one = 8 * 7 + 7 + 7 * 5 + 5 + 5 * 2 + 2
+    assert pnn.param_counts == [one, one + 2 * one, one + 2 * one + 3 * one]
+    col = pnn.columns[2]
+    assert [lat.U.in_features for lat in col.laterals] == [2 * 8, 2 * 7, 2 * 5]
+    # the forward pass by hand for column 1 (one earlier column)
+    x = torch.randn(4, 8)
+    c0, c1 = pnn.columns[0], pnn.columns[1]
+    h0 = c0(x, [])
+    a = torch.relu(c1.layers[0](x) + c1.laterals[0].U(x) + c1.laterals[0].bias[0])
+    b = torch.relu(c1.layers[1](a) + c1.laterals[1].U(h0[0]) + c1.laterals[1].bias[0])
+    logits = c1.layers[2](b) + c1.laterals[2].U(h0[1]) + c1.laterals[2].bias[0]
+    assert torch.allclose(c1(x, [h0])[-1], logits, atol=1e-5)
+
+
+def test_pnn_agem_init_draws_truncated_normals_and_biases_of_one_tenth():
+    sc = tiny_split("task", n_tasks=2)
+    pnn = create("pnn", {"hidden": "300", "lateral": "linear", "init": "agem"})
+    ctx = _context(MLP(8, sc.n_outputs, (300,)), sc, pnn, build=False)
+    for task in range(2):
+        ctx.task = task
+        pnn.begin_task(ctx)
+    col = pnn.columns[1]
+    w = torch.cat([col.layers[0].weight.flatten(), col.laterals[0].U.weight.flatten()]).detach()
+    assert float(w.abs().max()) <= 0.2 and 0.07 < float(w.std()) < 0.1  # N(0, 0.1²) cut at 2σ: std 0.088
+    assert bool((col.layers[0].bias == 0.1).all()) and bool((col.laterals[0].bias == 0.1).all())
 
 
 def test_pnn_routes_each_row_through_its_task_column():

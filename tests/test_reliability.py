@@ -399,3 +399,19 @@ def _file_size_limit(limit: int):
 
     return apply
 
+
+
+@pytest.mark.parametrize("script, args", [
+    ("reproduce_replay.py", ["--table-only", "--out", "none.jsonl"]),
+    ("reproduce_generative_architecture.py", ["--group", "rotated", "--seeds", "0", "--out", "none.jsonl"]),
+])
+def test_reproduction_scripts_refuse_an_unwritable_checkpoint_dir_before_training(tmp_path, script, args):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, str(root / "benchmarks" / script), *args, "--checkpoint-dir", str(blocker)],
+                       cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    last = p.stderr.strip().splitlines()[-1]
+    assert f"error: cannot write checkpoints to {blocker}: " in last and last.endswith("choose a writable folder")
+    assert not (tmp_path / "none.jsonl").exists()

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from retain.errors import ConfigError
 from retain.method import Method, param, register
+from retain.models import init_agem_
 
 
 class _Adapter(nn.Module):
@@ -36,13 +37,43 @@ class _Adapter(nn.Module):
         return self.U(F.relu(self.V(self.alpha * torch.cat(below, 1))))
 
 
-class _Column(nn.Module):
-    """One task's network: ``layers[i]`` maps h_i to h_{i+1} (h_0 = x); ``laterals[i-1]`` feeds layer i (i >= 1)
-    from the earlier columns' h_i — the output of the layer *below*, the same input W_i sees in this column."""
+class _Linear(nn.Module):
+    """The A-GEM authors' lateral into layer i: Σ_j (U_j h_{i-1}^{(j)} + b_j) over the earlier columns j, linear,
+    one weight and one bias per earlier column (their ``extensible_fc_column_progNN``)."""
 
-    def __init__(self, kind: str, in_shape: tuple[int, ...], widths: tuple[int, ...], n_out: int, index: int):
+    def __init__(self, n_in: int, n_out: int, n_columns: int, from_input: bool):
+        super().__init__()
+        self.U = nn.Linear(n_columns * n_in, n_out, bias=False)  # [U_1 .. U_k] applied to the concatenation
+        self.bias = nn.Parameter(torch.zeros(n_columns, n_out))  # b_j: each trained, so the sum moves k times
+        self.from_input = from_input
+        self._summed: tuple[tuple[int, int], Tensor] | None = None  # Σ_j U_j of a frozen column, by weight version
+
+    def forward(self, below: list[Tensor]) -> Tensor:
+        if self.from_input:  # every column's h_0 is the same x: Σ_j U_j x = (Σ_j U_j) x, k times cheaper
+            return F.linear(below[0], self._input_weight(len(below))) + self.bias.sum(0)
+        return self.U(torch.cat(below, 1)) + self.bias.sum(0)
+
+    def _input_weight(self, k: int) -> Tensor:
+        w = self.U.weight
+        if w.requires_grad:  # the column being trained: summed afresh so that every U_j gets its gradient
+            return w.view(w.shape[0], k, -1).sum(1)
+        key = (w._version, w.data_ptr())  # a frozen column's sum is kept until its weight is written (a load)
+        if self._summed is None or self._summed[0] != key:
+            self._summed = (key, w.detach().view(w.shape[0], k, -1).sum(1))
+        return self._summed[1]
+
+
+class _Column(nn.Module):
+    """One task's network: ``layers[i]`` maps h_i to h_{i+1} (h_0 = x). With ``lateral="adapter"`` (Rusu et al.)
+    ``laterals[i-1]`` feeds layer i (i >= 1) from the earlier columns' h_i, the output of the layer *below*, the
+    same input W_i sees in this column; with ``lateral="linear"`` ``laterals[i]`` feeds every layer i >= 0, the
+    first one from each earlier column's copy of the input (h_0 = x)."""
+
+    def __init__(self, kind: str, in_shape: tuple[int, ...], widths: tuple[int, ...], n_out: int, index: int,
+                 lateral: str = "adapter"):
         super().__init__()
         self.kind = kind
+        self.first = 0 if lateral == "linear" else 1  # the first layer fed by a lateral
         layers, laterals = [], []
         if kind == "conv":
             chans = [in_shape[0], *widths]
@@ -57,7 +88,9 @@ class _Column(nn.Module):
             sizes = [math.prod(in_shape), *widths, n_out]
             for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
                 layers.append(nn.Linear(a, b))
-                if i > 0 and index > 0:
+                if index > 0 and lateral == "linear":
+                    laterals.append(_Linear(a, b, index, i == 0))
+                elif i > 0 and index > 0:
                     laterals.append(_Adapter("fc", index * a, a, b))
         self.layers = nn.ModuleList(layers)
         self.laterals = nn.ModuleList(laterals)
@@ -65,17 +98,18 @@ class _Column(nn.Module):
     def forward(self, x: Tensor, earlier: list[list[Tensor]]) -> list[Tensor]:
         """Activations [h_1, ..., h_L, logits] of this column given every earlier column's activations."""
         h = x if self.kind == "conv" else x.reshape(len(x), -1)
+        x0 = h
         acts = []
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             if self.kind == "conv" and i == last:
                 h = h.mean((2, 3))  # global average pooling before the output layer
             z = layer(h)
-            if i > 0 and earlier:
-                below = [col[i - 1] for col in earlier]
+            if i >= self.first and earlier:
+                below = [x0] * len(earlier) if i == 0 else [col[i - 1] for col in earlier]
                 if self.kind == "conv" and i == last:
                     below = [b.mean((2, 3)) for b in below]
-                z = z + self.laterals[i - 1](below)
+                z = z + self.laterals[i - self.first](below)
             h = z if i == last else F.relu(z)
             acts.append(h)
         return acts
@@ -101,6 +135,11 @@ class PNN(Method):
     adapters only). The method owns its columns; the run's model is not used. ``param_counts[k]`` is the total
     number of parameters after task k's column was added (printed by the reproduction script).
 
+    ``lateral=linear`` with ``init=agem`` is the PNN of the A-GEM authors' code (Chaudhry et al. 2019, whose
+    permuted-MNIST PNN number P2 quotes): linear laterals U_j h_{i-1}^{(j)} + b_j from every earlier column j into
+    every layer, the first layer included (from each column's copy of the input), and their TensorFlow
+    initialisation (:func:`retain.models.init_agem_`). MLP columns only.
+
     Deviations: a task whose column does not exist yet (evaluation before it is trained) gets all-zero scores (the
     first of its outputs is predicted), since the paper defines no output for it; conv columns carry no batch
     normalisation, because running statistics updated while a frozen column feeds a new one would change old
@@ -111,6 +150,11 @@ class PNN(Method):
     column: str = param("auto", "column type: auto (conv for 3-channel images), mlp or conv",
                         choices=("auto", "mlp", "conv"))
     channels: str = param("20,40,80", "conv column channels per layer, comma-separated")
+    lateral: str = param("adapter", "lateral connections: adapter (Rusu et al.'s non-linear adapters from the layer "
+                         "below) or linear (the A-GEM authors' code: one linear map per earlier column into every "
+                         "layer, the input included; MLP columns only)", choices=("adapter", "linear"))
+    init: str = param("torch", "column initialisation: torch (PyTorch's default) or agem (the A-GEM authors': "
+                      "truncated normal std 0.1, biases 0.1)", choices=("torch", "agem"))
 
     modes = ("task",)
     needs_boundaries = True
@@ -120,6 +164,13 @@ class PNN(Method):
         self._channels = _sizes("channels", self.channels)
         if self.column not in ("auto", "mlp", "conv"):
             raise ConfigError(f"pnn: column must be auto, mlp or conv, got {self.column!r}")
+        if self.lateral not in ("adapter", "linear"):
+            raise ConfigError(f"pnn: lateral must be adapter or linear, got {self.lateral!r}")
+        if self.init not in ("torch", "agem"):
+            raise ConfigError(f"pnn: init must be torch or agem, got {self.init!r}")
+        if self.lateral == "linear" and self.column == "conv":
+            raise ConfigError("pnn: lateral=linear is defined for MLP columns only; use column=mlp or "
+                              "lateral=adapter")
         self.columns = nn.ModuleList()
         self.outputs: list[Tensor] = []  # per column: indices of its task's outputs
         self.param_counts: list[int] = []
@@ -137,11 +188,17 @@ class PNN(Method):
             kind = "conv" if len(shape) == 3 and shape[0] == 3 else "mlp"
         if kind == "conv" and len(shape) != 3:
             raise ConfigError(f"pnn: conv columns need image inputs [C, H, W], got {list(shape)}")
+        if kind == "conv" and self.lateral == "linear":
+            raise ConfigError("pnn: lateral=linear is defined for MLP columns only; use column=mlp or "
+                              "lateral=adapter")
         widths = self._channels if kind == "conv" else (
             self._hidden or tuple(getattr(ctx.model, "hidden", (400, 400))))
         k = len(self.columns)
         outs = ctx.scenario.task_out[k].nonzero().flatten()
-        self.columns.append(_Column(kind, shape, tuple(widths), len(outs), k).to(ctx.device))
+        column = _Column(kind, shape, tuple(widths), len(outs), k, self.lateral)
+        if self.init == "agem":
+            init_agem_(column)
+        self.columns.append(column.to(ctx.device))
         self.outputs.append(outs.to(ctx.device))
         self.param_counts.append(sum(p.numel() for p in self.columns.parameters()))
 
