@@ -81,16 +81,30 @@ def test_task_free_pairings():
 
 # -------------------------------------------------------------------------------------------------- PNN
 
-def test_pnn_earlier_tasks_are_bit_identical_and_bwt_is_zero():
+def _assert_nothing_forgotten(snaps, out) -> torch.Tensor:
+    """Every task's test outputs after its own training are bit-identical at the end, and each column of the
+    accuracy matrix is constant from the task's own row on (BWT exactly 0); returns the matrix."""
+    n = len(snaps)
+    for j in range(n):
+        assert torch.equal(snaps[j][j], snaps[-1][j]), f"task {j}'s outputs moved"
+    R = torch.tensor(out.accuracy_matrix)
+    assert all(R[i, j] == R[j, j] for j in range(n) for i in range(j, n))
+    return R
+
+
+def _pnn_run(params: dict):
+    """PNN with ``params`` on a 3-task task-IL stream, outputs recorded after each task."""
     sc = tiny_split("task", n_tasks=3)
-    pnn = create("pnn", {"hidden": "7,5"})
+    pnn = create("pnn", params)
     snaps = _record_after_each_task(pnn, sc)
     torch.manual_seed(0)
     out = train(sc, pnn, MLP(8, sc.n_outputs, (7, 5)), TrainConfig(iterations=30, batch_size=16, lr=0.01))
-    for j in range(3):
-        assert torch.equal(snaps[j][j], snaps[-1][j]), f"task {j}'s outputs moved"
-    R = torch.tensor(out.accuracy_matrix)
-    assert all(R[i, j] == R[j, j] for j in range(3) for i in range(j, 3))
+    return pnn, snaps, out
+
+
+def test_pnn_earlier_tasks_are_bit_identical_and_bwt_is_zero():
+    pnn, snaps, out = _pnn_run({"hidden": "7,5"})
+    R = _assert_nothing_forgotten(snaps, out)
     assert R.diagonal().mean() > 0.9
     # old columns frozen, the newest trainable; the optimizer sees only the newest column and its adapters
     assert not any(p.requires_grad for c in pnn.columns[:-1] for p in c.parameters())
@@ -123,15 +137,8 @@ def test_pnn_laterals_come_from_the_layer_below():
 def test_pnn_linear_laterals_as_in_the_agem_code():
     """lateral=linear, init=agem: column k's layer i adds Σ_j (U_j h_{i-1}^(j) + b_j) over the earlier columns,
     the first layer from each column's copy of x; column k has k + 1 times one column's parameters."""
-    sc = tiny_split("task", n_tasks=3)
-    pnn = create("pnn", {"hidden": "7,5", "lateral": "linear", "init": "agem"})
-    snaps = _record_after_each_task(pnn, sc)
-    torch.manual_seed(0)
-    out = train(sc, pnn, MLP(8, sc.n_outputs, (7, 5)), TrainConfig(iterations=30, batch_size=16, lr=0.01))
-    for j in range(3):
-        assert torch.equal(snaps[j][j], snaps[-1][j]), f"task {j}'s outputs moved"
-    R = torch.tensor(out.accuracy_matrix)
-    assert all(R[i, j] == R[j, j] for j in range(3) for i in range(j, 3))
+    pnn, snaps, out = _pnn_run({"hidden": "7,5", "lateral": "linear", "init": "agem"})
+    _assert_nothing_forgotten(snaps, out)
     one = 8 * 7 + 7 + 7 * 5 + 5 + 5 * 2 + 2
     assert pnn.param_counts == [one, one + 2 * one, one + 2 * one + 3 * one]
     col = pnn.columns[2]
@@ -213,10 +220,7 @@ def _packnet_run(prune_ratio=0.5, n_tasks=3, **params):
 
 def test_packnet_earlier_tasks_are_bit_identical_and_frozen_weights_do_not_move():
     sc, pk, model, snaps, weights, out = _packnet_run()
-    for j in range(3):
-        assert torch.equal(snaps[j][j], snaps[-1][j]), f"task {j}'s outputs moved"
-    R = torch.tensor(out.accuracy_matrix)
-    assert all(R[i, j] == R[j, j] for j in range(3) for i in range(j, 3))
+    R = _assert_nothing_forgotten(snaps, out)
     assert R.diagonal().mean() > 0.9
     final = dict(model.named_parameters())
     for name, owner in pk.owner.items():
@@ -492,7 +496,8 @@ def test_observe_owners_keep_their_partners_hooks_in_a_compose():
 
 
 @pytest.mark.parametrize("name, mode, params", [
-    ("pnn", "task", {}), ("packnet", "task", {}), ("dgr", "class", {"fc_units": 8, "z_dim": 2}),
+    ("pnn", "task", {}), ("pnn", "task", {"lateral": "linear", "init": "agem"}), ("packnet", "task", {}),
+    ("dgr", "class", {"fc_units": 8, "z_dim": 2}),
     ("mer", "class", {}), ("oml", "class", {"inner_steps": 1}),
 ])
 def test_resume_from_a_checkpoint_gives_the_same_matrix(tmp_path, name, mode, params):

@@ -400,7 +400,6 @@ def _file_size_limit(limit: int):
     return apply
 
 
-
 @pytest.mark.parametrize("script, args", [
     ("reproduce_replay.py", ["--table-only", "--out", "none.jsonl"]),
     ("reproduce_generative_architecture.py", ["--group", "rotated", "--seeds", "0", "--out", "none.jsonl"]),

@@ -14,6 +14,8 @@ from retain.errors import ConfigError
 from retain.method import Method, param, register
 from retain.models import init_agem_
 
+_LINEAR_NEEDS_MLP = "pnn: lateral=linear is defined for MLP columns only; use column=mlp or lateral=adapter"
+
 
 class _Adapter(nn.Module):
     """Rusu et al.'s non-linear lateral connection into layer i: U σ(V (α · [h_{i-1}^{(1)} .. h_{i-1}^{(k-1)}])).
@@ -61,6 +63,9 @@ class _Linear(nn.Module):
         if self._summed is None or self._summed[0] != key:
             self._summed = (key, w.detach().view(w.shape[0], k, -1).sum(1))
         return self._summed[1]
+
+    def __getstate__(self) -> dict[str, Any]:  # the cached sum is derived: not written into checkpoints
+        return {**self.__dict__, "_summed": None}
 
 
 class _Column(nn.Module):
@@ -169,8 +174,7 @@ class PNN(Method):
         if self.init not in ("torch", "agem"):
             raise ConfigError(f"pnn: init must be torch or agem, got {self.init!r}")
         if self.lateral == "linear" and self.column == "conv":
-            raise ConfigError("pnn: lateral=linear is defined for MLP columns only; use column=mlp or "
-                              "lateral=adapter")
+            raise ConfigError(_LINEAR_NEEDS_MLP)
         self.columns = nn.ModuleList()
         self.outputs: list[Tensor] = []  # per column: indices of its task's outputs
         self.param_counts: list[int] = []
@@ -189,8 +193,7 @@ class PNN(Method):
         if kind == "conv" and len(shape) != 3:
             raise ConfigError(f"pnn: conv columns need image inputs [C, H, W], got {list(shape)}")
         if kind == "conv" and self.lateral == "linear":
-            raise ConfigError("pnn: lateral=linear is defined for MLP columns only; use column=mlp or "
-                              "lateral=adapter")
+            raise ConfigError(_LINEAR_NEEDS_MLP)
         widths = self._channels if kind == "conv" else (
             self._hidden or tuple(getattr(ctx.model, "hidden", (400, 400))))
         k = len(self.columns)
