@@ -321,6 +321,15 @@ def train(scenario: Scenario, method: Method, model: nn.Module, config: TrainCon
     clock = {"train_s": 0.0, "eval_s": 0.0}
     saved = checkpointer.load(device) if checkpointer is not None else None
 
+    mark = [time.perf_counter()]  # when the training time not yet in clock["train_s"] started
+
+    def lap() -> None:
+        """Add the training time since the mark to the clock and move the mark to now."""
+        _sync(device)
+        now = time.perf_counter()
+        clock["train_s"] += now - mark[0]
+        mark[0] = now
+
     def evaluate_row(i: int) -> None:
         _sync(device)
         t0 = time.perf_counter()
@@ -336,6 +345,8 @@ def train(scenario: Scenario, method: Method, model: nn.Module, config: TrainCon
         by parameter name is kept, for the next task to carry."""
         if checkpointer is None:
             return
+        if not boundary:  # mid-task: the task's training time so far goes into the checkpoint too
+            lap()
         checkpointer.save({
             "position": {"task": task, "task_step": task_step, "step": ctx.step},
             "model": ctx.model, "method": method.state_dict(),
@@ -397,7 +408,7 @@ def train(scenario: Scenario, method: Method, model: nn.Module, config: TrainCon
             g = torch.Generator().manual_seed(config.seed)
             n_steps = math.ceil(sum(len(t.train_idx) for t in scenario.tasks) / config.batch_size)
             done_rows = sum(1 for row in R if not math.isnan(row[0])) if saved is not None else 0
-            t0 = time.perf_counter()
+            mark[0] = time.perf_counter()
             for i, (idx, t, done) in enumerate(view.stream(config.batch_size, g, config.blurry)):
                 if i < start_step:  # resuming: these steps were taken before the checkpoint
                     continue
@@ -406,21 +417,19 @@ def train(scenario: Scenario, method: Method, model: nn.Module, config: TrainCon
                     ctx.seen |= scenario.task_out[t].any(0)
                 step(view.batch(idx, t), i, n_steps)
                 while done_rows < done:
-                    _sync(device)
-                    clock["train_s"] += time.perf_counter() - t0
+                    lap()
                     evaluate_row(done_rows)
                     done_rows += 1
-                    t0 = time.perf_counter()
+                    mark[0] = time.perf_counter()
                 after_step(i + 1, None)
-            _sync(device)
-            clock["train_s"] += time.perf_counter() - t0
+            lap()
         else:
             for task in range(start_task, T):
                 ctx.task = task
                 if scenario.mode == "class":
                     ctx.seen |= scenario.task_out[task]
                 _sync(device)
-                t0 = time.perf_counter()
+                mark[0] = time.perf_counter()
                 mid_task = data is not None and task == start_task
                 if not mid_task:
                     if ctx.optimizer is not None and not config.reset_optimizer:
@@ -437,8 +446,7 @@ def train(scenario: Scenario, method: Method, model: nn.Module, config: TrainCon
                     step(batch, i, n_steps)
                     after_step(i + 1, data)
                 method.end_task(ctx)
-                _sync(device)
-                clock["train_s"] += time.perf_counter() - t0
+                lap()
                 evaluate_row(task)
                 data = None
                 if task + 1 < T:

@@ -56,6 +56,24 @@ def test_resume_from_any_checkpoint_gives_the_same_matrix(tmp_path, method, extr
     assert len(positions) == len(picks)
 
 
+@pytest.mark.parametrize("extra", [{}, {"task_free": True}])
+def test_checkpoint_carries_the_training_time_of_the_unfinished_task(tmp_path, extra):
+    """A mid-task checkpoint holds the training time up to its step, so a resumed run loses none of it."""
+    rec = Recording(tmp_path / "run.ckpt", every=7)
+    retain.run(method="er", checkpointer=rec, **FAST, **extra)
+    states = [checkpoint.load(c) for c in rec.copies]
+    first = states[0]
+    assert first["position"]["step"] == 7 and first["position"]["task"] == 0  # 7 steps into the first task
+    assert first["timings"]["train_s"] > 0
+    times = [s["timings"]["train_s"] for s in states]
+    steps = [s["position"]["step"] for s in states]
+    for a, b, sa, sb in zip(times, times[1:], steps, steps[1:]):
+        assert sb == sa or b > a  # every checkpoint after more steps holds more training time
+    ck = Checkpointer(rec.copies[len(rec.copies) // 2], every=7, resume=True, keep=True)
+    resumed = retain.run(method="er", checkpointer=ck, **FAST, **extra)
+    assert resumed.timings["train_s"] > times[len(rec.copies) // 2]
+
+
 def test_corrupt_checkpoint_is_refused(tmp_path):
     path = tmp_path / "c.ckpt"
     checkpoint.save(path, {"format": 1, "x": torch.arange(5)})
