@@ -321,14 +321,15 @@ def train(scenario: Scenario, method: Method, model: nn.Module, config: TrainCon
     clock = {"train_s": 0.0, "eval_s": 0.0}
     saved = checkpointer.load(device) if checkpointer is not None else None
 
-    mark = [time.perf_counter()]  # when the training time not yet in clock["train_s"] started
+    mark = time.perf_counter()  # when the training time not yet in clock["train_s"] started
 
     def lap() -> None:
         """Add the training time since the mark to the clock and move the mark to now."""
+        nonlocal mark
         _sync(device)
         now = time.perf_counter()
-        clock["train_s"] += now - mark[0]
-        mark[0] = now
+        clock["train_s"] += now - mark
+        mark = now
 
     def evaluate_row(i: int) -> None:
         _sync(device)
@@ -408,7 +409,7 @@ def train(scenario: Scenario, method: Method, model: nn.Module, config: TrainCon
             g = torch.Generator().manual_seed(config.seed)
             n_steps = math.ceil(sum(len(t.train_idx) for t in scenario.tasks) / config.batch_size)
             done_rows = sum(1 for row in R if not math.isnan(row[0])) if saved is not None else 0
-            mark[0] = time.perf_counter()
+            mark = time.perf_counter()
             for i, (idx, t, done) in enumerate(view.stream(config.batch_size, g, config.blurry)):
                 if i < start_step:  # resuming: these steps were taken before the checkpoint
                     continue
@@ -420,7 +421,7 @@ def train(scenario: Scenario, method: Method, model: nn.Module, config: TrainCon
                     lap()
                     evaluate_row(done_rows)
                     done_rows += 1
-                    mark[0] = time.perf_counter()
+                    mark = time.perf_counter()
                 after_step(i + 1, None)
             lap()
         else:
@@ -429,7 +430,7 @@ def train(scenario: Scenario, method: Method, model: nn.Module, config: TrainCon
                 if scenario.mode == "class":
                     ctx.seen |= scenario.task_out[task]
                 _sync(device)
-                mark[0] = time.perf_counter()
+                mark = time.perf_counter()
                 mid_task = data is not None and task == start_task
                 if not mid_task:
                     if ctx.optimizer is not None and not config.reset_optimizer:
