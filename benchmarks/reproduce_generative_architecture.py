@@ -123,7 +123,7 @@ def run_one(spec: dict, seed: int, data_dir: str | None, checkpoint: Path | None
                 "benchmark", "n_tasks", "hidden", "epochs", "iterations", "batch_size", "optimizer", "lr")},
             "acc": result.metrics["acc"], "bwt": result.metrics["bwt"], "forgetting": result.metrics["forgetting"],
             "R": result.accuracy_matrix, "train_s": result.timings["train_s"], "eval_s": result.timings["eval_s"],
-            "wall_s": wall, "peak_rss_mb": result.peak_memory_mb, **info}
+            "wall_s": wall, "peak_rss_mb": result.peak_memory_mb, "warnings": result.warnings, **info}
 
 
 def summarise(rows: list[dict]) -> str:

@@ -162,7 +162,8 @@ def run_one(c: dict[str, Any], seed: int, data_dir: str | None, train_per_task: 
                 checkpointer=ckpt)
     # the whole matrix is kept, so a run that collapses shows after which task it did
     return {"acc": r.metrics["acc"], "forgetting": r.metrics["forgetting"], "wall_s": time.perf_counter() - t0,
-            "train_s": r.timings["train_s"], "accuracy_matrix": r.accuracy_matrix}
+            "train_s": r.timings["train_s"], "accuracy_matrix": r.accuracy_matrix,
+            "warnings": r.warnings}
 
 
 def checkpoint_path(ckpt_dir: str | None, k: str) -> str | None:

@@ -340,6 +340,19 @@ def train(scenario: Scenario, method: Method, model: nn.Module, config: TrainCon
         _sync(device)
         clock["eval_s"] += time.perf_counter() - t0
 
+    def check_learned(task: int) -> None:
+        """Warn when the task just trained is no better than a constant guess: a run can collapse (dead units,
+        a step too large) while its loss stays finite, and nothing else would say so."""
+        idx = scenario.tasks[task].test_idx
+        if (scenario.y_test is None or len(idx) == 0 or math.isnan(R[task][task])
+                or any("was not learned" in w for w in ctx.warnings)):  # the first such task says it
+            return
+        constant = float(torch.bincount(scenario.y_test[idx]).max()) / len(idx)
+        if R[task][task] <= constant + 0.01:
+            ctx.warn(f"task {task} was not learned: {R[task][task]:.1%} test accuracy right after training on it, "
+                     f"no better than always answering its most frequent class ({constant:.1%}); the training "
+                     "may have collapsed: try a lower learning rate")
+
     def checkpoint(task: int, task_step: int, data: TaskData | None, boundary: bool = False) -> None:
         """Position ``(task, task_step)``: the next step to take; ``data`` is what the task iterates. At a task
         boundary the optimizer is rebuilt anyway (``begin_task`` may change the parameters), so only its state
@@ -449,6 +462,7 @@ def train(scenario: Scenario, method: Method, model: nn.Module, config: TrainCon
                 method.end_task(ctx)
                 lap()
                 evaluate_row(task)
+                check_learned(task)
                 data = None
                 if task + 1 < T:
                     checkpoint(task + 1, 0, None, boundary=True)

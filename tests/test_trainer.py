@@ -194,3 +194,26 @@ def test_user_model_and_tensors_through_the_api():
     r = retain.run(scenario=sc, model=model, method="finetune", epochs=20, batch_size=16)
     assert r.metrics["acc"] > 0.9  # separable blobs, task-IL
     assert set(r.to_dict()) >= {"config", "accuracy_matrix", "baseline", "metrics", "timings", "versions"}
+
+
+@pytest.mark.parametrize("collapse", [False, True])
+def test_a_task_left_at_a_constant_guess_is_warned_about(collapse):
+    """A collapse with a finite loss (here: every hidden unit killed as task 1 begins, so only the head's bias still
+    learns) leaves task 1 at the accuracy of always answering one class; the run says so, once, by task."""
+    sc = tiny_split("class", n_tasks=3)
+
+    @dataclass
+    class Kill(Method):
+        def begin_task(self, ctx):
+            if collapse and ctx.task == 1:
+                with torch.no_grad():
+                    ctx.model.features[1].bias.fill_(-1e6)
+
+    torch.manual_seed(0)
+    r = train(sc, Kill(), MLP(8, sc.n_outputs, (16,)), TrainConfig(epochs=30, batch_size=8, lr=0.1))
+    flagged = [w for w in r.warnings if "was not learned" in w]
+    if collapse:
+        assert len(flagged) == 1 and flagged[0].startswith("task 1 was not learned"), r.warnings
+        assert r.accuracy_matrix[1][1] <= 0.5  # two balanced classes: a constant answer gets half
+    else:
+        assert not flagged and min(r.accuracy_matrix[t][t] for t in range(3)) > 0.6, r
