@@ -25,6 +25,8 @@ configurations already there), so a long run can be interrupted and resumed.
 Reduction flags (say which were used when quoting the numbers): ``--epochs`` (epochs per task instead of the
 protocol's), ``--train-per-task`` (a random subset of each task's training set, same subset for every method),
 ``--tasks`` (A-GEM: fewer evaluated tasks), ``--only`` (methods), ``--modes`` (Hsu), ``--buffers`` (DER: buffer sizes).
+``--lr`` replaces the protocol's learning rate of every selected configuration; the table labels such rows
+``(lr X)``, and their records are kept apart from the protocol's.
 """
 
 from __future__ import annotations
@@ -115,6 +117,8 @@ def configs(a: argparse.Namespace) -> list[dict[str, Any]]:
         for lam in lambdas:
             out.append({**base, "label": f"ewc λ={lam:g}", "column": "no buffer", "method": "ewc",
                         "params": {"lambda": lam}})
+    if getattr(a, "lr", None):  # an experiment, not the protocol: the label says so (the record key has the rate)
+        out = [{**c, "lr": a.lr, "label": f"{c['label']} (lr {a.lr:g})"} for c in out]
     return out
 
 
@@ -230,8 +234,12 @@ def main() -> None:
                     "initialisation, or the A-GEM code's (truncated normal std 0.1, biases 0.1)")
     ap.add_argument("--checkpoint-dir", help="checkpoint each run here (every 500 steps) and resume it when the "
                     "same command is run again, e.g. after the machine stopped; for runs of hours (GEM on agem)")
+    ap.add_argument("--lr", type=float, help="learning rate of every selected configuration instead of the "
+                    "protocol's (an experiment; the table labels it), e.g. --only gem --lr 0.03")
     ap.add_argument("--table-only", action="store_true", help="print the table of --out and exit")
     a = ap.parse_args()
+    if a.lr is not None and not (a.lr > 0 and math.isfinite(a.lr)):
+        ap.error(f"--lr must be a positive number, got {a.lr}; e.g. --lr 0.03")
     if a.checkpoint_dir:
         from retain.checkpoint import CheckpointError, check_folder
 

@@ -350,8 +350,8 @@ def train(scenario: Scenario, method: Method, model: nn.Module, config: TrainCon
         constant = float(torch.bincount(scenario.y_test[idx]).max()) / len(idx)
         if R[task][task] <= constant + 0.01:
             ctx.warn(f"task {task} was not learned: {R[task][task]:.1%} test accuracy right after training on it, "
-                     f"no better than always answering its most frequent class ({constant:.1%}); the training "
-                     "may have collapsed: try a lower learning rate")
+                     f"no better than always answering its most frequent class ({constant:.1%}): the training "
+                     "collapsed (try a lower learning rate) or was too short")
 
     def checkpoint(task: int, task_step: int, data: TaskData | None, boundary: bool = False) -> None:
         """Position ``(task, task_step)``: the next step to take; ``data`` is what the task iterates. At a task

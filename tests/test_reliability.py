@@ -414,3 +414,15 @@ def test_reproduction_scripts_refuse_an_unwritable_checkpoint_dir_before_trainin
     last = p.stderr.strip().splitlines()[-1]
     assert f"error: cannot write checkpoints to {blocker}: " in last and last.endswith("choose a writable folder")
     assert not (tmp_path / "none.jsonl").exists()
+
+
+@pytest.mark.parametrize("lr", ["0", "-0.1", "nan", "inf"])
+def test_reproduce_replay_refuses_a_learning_rate_that_is_not_positive(tmp_path, lr):
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, str(root / "benchmarks" / "reproduce_replay.py"), "--protocols", "agem",
+                        "--only", "gem", "--lr", lr, "--out", "none.jsonl"],
+                       cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.endswith(f"--lr must be a positive number, got {float(lr)}; e.g. --lr 0.03")
+    assert not (tmp_path / "none.jsonl").exists()
