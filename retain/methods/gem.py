@@ -41,7 +41,9 @@ class GEM(Method):
     Deviations: the paper keeps the *last* ``memory_per_task`` rows of each task; here each task's memory is a
     uniform reservoir sample of the task's stream (the same distribution when the task is shuffled, and well
     defined for several epochs). The dual is solved as is; a ridge is added only if G Gᵀ is singular (the
-    authors' code always adds 1e-3 · I, which slightly violates the constraints it is meant to enforce).
+    GEM authors' code always adds 1e-3 · I, which slightly violates the constraints it is meant to enforce; the
+    A-GEM authors' GEM adds none). On long streams at a high learning rate GEM can become unstable: see
+    docs/replay.md, P2.
     """
 
     memory_per_task: int = param(256, "rows of episodic memory per task (M / T in the paper)")
