@@ -199,7 +199,7 @@ def test_user_model_and_tensors_through_the_api():
 @pytest.mark.parametrize("collapse", [False, True])
 def test_a_task_left_at_a_constant_guess_is_warned_about(collapse):
     """A collapse with a finite loss (here: every hidden unit killed as task 1 begins, so only the head's bias still
-    learns) leaves task 1 at the accuracy of always answering one class; the run says so, once, by task."""
+    learns) leaves task 1 at the accuracy of always answering one class; the run says so once, naming that task."""
     sc = tiny_split("class", n_tasks=3)
 
     @dataclass
