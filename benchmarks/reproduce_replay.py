@@ -128,14 +128,12 @@ def key(c: dict[str, Any], seed: int, a: argparse.Namespace) -> str:
                       + ([c["init"]] if "init" in c else []), sort_keys=True, default=str)
 
 
-def run_one(c: dict[str, Any], seed: int, data_dir: str | None, train_per_task: int | None,
-            checkpoint: str | None = None) -> dict[str, Any]:
+def build_scenario(c: dict[str, Any], seed: int, data_dir: str | None, train_per_task: int | None) -> Any:
+    """The scenario one configuration trains on (also what ``gem_probe.py`` rebuilds for a checkpoint)."""
     import torch
 
-    from retain import api, benchmarks
-    from retain.checkpoint import Checkpointer
+    from retain import benchmarks
 
-    torch.set_num_threads(1)
     sc = benchmarks.scenario(c["benchmark"], c["mode"], c.get("n_tasks"), seed, data_dir, pad=c.get("pad"))
     skip = c.get("skip_tasks", 0)
     if skip:  # A-GEM protocol: the first tasks were only for tuning
@@ -146,7 +144,19 @@ def run_one(c: dict[str, Any], seed: int, data_dir: str | None, train_per_task: 
         g = torch.Generator().manual_seed(1000 + seed)
         for task in sc.tasks:
             task.train_idx = task.train_idx[torch.randperm(len(task.train_idx), generator=g)[:train_per_task]]
-    sc.name = c["benchmark"]  # presets are keyed by benchmark; explicit params below win
+    sc.name = c["benchmark"]  # presets are keyed by benchmark; explicit params in run_one win
+    return sc
+
+
+def run_one(c: dict[str, Any], seed: int, data_dir: str | None, train_per_task: int | None,
+            checkpoint: str | None = None) -> dict[str, Any]:
+    import torch
+
+    from retain import api
+    from retain.checkpoint import Checkpointer
+
+    torch.set_num_threads(1)
+    sc = build_scenario(c, seed, data_dir, train_per_task)
     # a long run (GEM on the A-GEM protocol: hours) checkpoints every 500 steps and at each task boundary, and a
     # rerun of the same command resumes it; the file is removed when the run finishes
     ckpt = None

@@ -6,9 +6,12 @@ test_data.py, test_cli.py, test_store.py, test_checkpoint.py and test_experiment
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import hashlib
+import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
@@ -426,3 +429,43 @@ def test_reproduce_replay_refuses_a_learning_rate_that_is_not_positive(tmp_path,
     last = p.stderr.strip().splitlines()[-1]
     assert last.endswith(f"--lr must be a positive number, got {float(lr)}; e.g. --lr 0.03")
     assert not (tmp_path / "none.jsonl").exists()
+
+
+def test_gem_probe_reports_the_memory_losses_after_one_step(tmp_path):
+    """benchmarks/gem_probe.py on a GEM checkpoint at task 1 (MNIST-like files, an untrained network): one table
+    row per batch, with a mean / max memory loss per learning rate; and its bad inputs exit 2."""
+    from retain.models import MLP
+
+    root = Path(__file__).resolve().parents[1]
+    data = write_mnist_like(tmp_path / "m", n_train=60, n_test=20)
+    spec = importlib.util.spec_from_file_location("rr", root / "benchmarks" / "reproduce_replay.py")
+    rr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rr)
+    a = argparse.Namespace(protocols="agem", only="gem", epochs=None, train_per_task=None, tasks=None, init="torch")
+    (c,) = rr.configs(a)
+    sc = rr.build_scenario(c, 0, str(data), None)
+    gem = create("gem", c["params"])
+    rows = sc.batch(sc.tasks[0].train_idx[:30], 0)
+    gem.memory.add(rows.x, rows.y, rows.t, key=rows.t, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    state = {"position": {"task": 1, "task_step": 0, "step": 3}, "model": MLP(784, 10, (256, 256)),
+             "method": gem.state_dict()}
+    checkpoint.save(tmp_path / "g.ckpt", state)
+
+    def probe(*extra):
+        return subprocess.run([sys.executable, str(root / "benchmarks" / "gem_probe.py"), "--data-dir", str(data),
+                               "--seed", "0", *extra], env=ENV, capture_output=True, text=True, timeout=120)
+
+    p = probe("--checkpoint", str(tmp_path / "g.ckpt"), "--lrs", "0.1,0.01", "--batches", "2")
+    assert p.returncode == 0, p.stderr
+    assert "position {'task': 1, 'task_step': 0, 'step': 3}" in p.stdout and "memory loss of tasks 0–0" in p.stdout
+    table = [line for line in p.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(table) == 2
+    for line in table:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        assert len(cells) == 5 and all("/" in cell for cell in cells[3:])
+        assert all(math.isfinite(float(v)) for cell in cells[3:] for v in cell.split("/"))
+    for extra, message in ((("--checkpoint", str(tmp_path / "none.ckpt")), "no such file"),
+                           (("--checkpoint", str(tmp_path / "g.ckpt"), "--lrs", "0.1,inf"), "must be positive")):
+        p = probe(*extra)
+        assert p.returncode == 2 and message in p.stderr.strip().splitlines()[-1]
