@@ -75,9 +75,11 @@ def main() -> int:
         ap.error(f"--checkpoint {a.checkpoint} is at task {task}: there is no earlier memory to probe")
     sc = rr.build_scenario(c, a.seed, a.data_dir, a.train_per_task)
 
+    memories = [gem.memory.rows(k) for k in old]
+
     @torch.no_grad()
     def memory_losses(m: torch.nn.Module) -> list[float]:
-        return [float(F.cross_entropy(m(gem.memory.rows(k).x), gem.memory.rows(k).y)) for k in old]
+        return [float(F.cross_entropy(m(rows.x), rows.y)) for rows in memories]
 
     theta = float(torch.sqrt(sum((p.detach() ** 2).sum() for p in model.parameters())))
     before = memory_losses(model)
@@ -89,11 +91,11 @@ def main() -> int:
     idx = sc.tasks[task].train_idx
     for b in range(a.batches):
         batch = sc.batch(idx[torch.randperm(len(idx), generator=g)[:10]], task)
+        loss = F.cross_entropy(model(batch.x), batch.y)  # one gradient, applied at each rate to a copy
+        grads = torch.autograd.grad(loss, list(model.parameters()))
         cells = []
         for lr in lrs:
             m = copy.deepcopy(model)
-            loss = F.cross_entropy(m(batch.x), batch.y)
-            grads = torch.autograd.grad(loss, list(m.parameters()))
             with torch.no_grad():
                 for p, gr in zip(m.parameters(), grads):
                     p -= lr * gr
