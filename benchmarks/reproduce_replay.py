@@ -10,7 +10,8 @@ Protocols (../shared/PROTOCOLS.md):
 * ``agem`` — P2, the A-GEM paper's permuted MNIST: 20 permutations, the first 3 kept for tuning, training and
   metrics on the other 17; MLP 256-256, one pass, batch 10, SGD 0.1; 250 samples per task; domain-IL (one head).
 * ``der`` — P3, Buzzega et al. 2020 Seq-MNIST: class-IL, MLP 100-100, 1 epoch, batch 10, SGD, reservoir buffer
-  200 / 500 / 5120 with Mammoth's best learning rates and weights; replayed minibatch = batch size (10).
+  200 / 500 / 5120 with Mammoth's best learning rates, weights and replay minibatch (10, 64 or 128 rows); the
+  cross-entropy spans all 10 outputs from the first task, as in Mammoth's training loop (``all_outputs``).
 * ``ewc_er`` — the EWC + ER hybrid on Split-MNIST class-IL (P1 settings: Adam 1e-3, batch 128) over a grid of
   λ × buffer size, beside EWC and ER alone.
 
@@ -48,12 +49,15 @@ HSU = {  # Hsu et al. 2018 Table 2, mean ± std over 10 runs
     ("gem", "task"): "98.42 ± 0.10", ("gem", "domain"): "96.16 ± 0.35", ("gem", "class"): "92.20 ± 0.12",
 }
 AGEM = {"finetune": "47.9", "gem": "89.5", "agem": "89.1"}  # A-GEM paper, Appendix Table 4 (average accuracy)
-# Mammoth utils/best_args.py, seq-mnist: (lr, params) per buffer size
+# Mammoth utils/best_args.py, seq-mnist: (lr, params) per buffer size. ``replay_batch`` is Mammoth's
+# ``minibatch_size``: the buffer rows drawn per step (per sample for DER++), which is not always the batch size 10.
 DER_ARGS = {
-    "er": {200: (0.01, {}), 500: (0.1, {}), 5120: (0.1, {})},
-    "der": {200: (0.03, {"alpha": 0.2}), 500: (0.03, {"alpha": 1.0}), 5120: (0.1, {"alpha": 0.5})},
-    "derpp": {200: (0.03, {"alpha": 0.2, "beta": 1.0}), 500: (0.03, {"alpha": 1.0, "beta": 0.5}),
-              5120: (0.1, {"alpha": 0.2, "beta": 0.5})},
+    "er": {200: (0.01, {"replay_batch": 10}), 500: (0.1, {"replay_batch": 10}), 5120: (0.1, {"replay_batch": 10})},
+    "der": {200: (0.03, {"alpha": 0.2, "replay_batch": 10}), 500: (0.03, {"alpha": 1.0, "replay_batch": 128}),
+            5120: (0.1, {"alpha": 0.5, "replay_batch": 128})},
+    "derpp": {200: (0.03, {"alpha": 0.2, "beta": 1.0, "replay_batch": 128}),
+              500: (0.03, {"alpha": 1.0, "beta": 0.5, "replay_batch": 10}),
+              5120: (0.1, {"alpha": 0.2, "beta": 0.5, "replay_batch": 64})},
 }
 # The DER paper's Seq-MNIST accuracies could not be retrieved with the tools available when this script was
 # written; fill them in from the paper's appendix table before quoting a comparison.
@@ -101,7 +105,7 @@ def configs(a: argparse.Namespace) -> list[dict[str, Any]]:
                     out.append({"protocol": "der", "label": method, "column": str(size), "method": method,
                                 "benchmark": "split-mnist", "mode": "class", "hidden": (100, 100),
                                 "epochs": a.epochs or 1, "batch_size": 10, "optimizer": "sgd", "lr": lr,
-                                "params": {"buffer_size": size, **params},
+                                "params": {"buffer_size": size, **params}, "all_outputs": True,
                                 "published": DER_PUBLISHED.get((method, size), "—")})
     if "ewc_er" in protocols:
         lambdas = [float(x) for x in a.lambdas.split(",")]
@@ -125,7 +129,8 @@ def configs(a: argparse.Namespace) -> list[dict[str, Any]]:
 def key(c: dict[str, Any], seed: int, a: argparse.Namespace) -> str:
     return json.dumps([c["protocol"], c["method"], c["column"], c["params"], c["epochs"], seed,
                        a.train_per_task, c.get("n_tasks"), c.get("normalize"), c["lr"]]
-                      + ([c["init"]] if "init" in c else []), sort_keys=True, default=str)
+                      + ([c["init"]] if "init" in c else []) + (["all_outputs"] if c.get("all_outputs") else []),
+                      sort_keys=True, default=str)
 
 
 def build_scenario(c: dict[str, Any], seed: int, data_dir: str | None, train_per_task: int | None) -> Any:
@@ -171,7 +176,7 @@ def run_one(c: dict[str, Any], seed: int, data_dir: str | None, train_per_task: 
     t0 = time.perf_counter()
     r = api.run(scenario=sc, model=model, method=c["method"], params=c["params"], hidden=c["hidden"],
                 epochs=c["epochs"], batch_size=c["batch_size"], optimizer=c["optimizer"], lr=c["lr"], seed=seed,
-                device="cpu",
+                device="cpu", all_outputs=c.get("all_outputs", False),
                 normalize=c.get("normalize"),  # Hsu's loader: (x - mean) / std on [0, 1] pixels
                 checkpointer=ckpt)
     # the whole matrix is kept, so a run that collapses shows after which task it did

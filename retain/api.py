@@ -33,7 +33,7 @@ from retain.method import Method, create
 from retain.metrics import all_metrics
 from retain.models import build_model, parse_hidden
 from retain.scenarios import MODES, Scenario
-from retain.trainer import Progress, TrainConfig, check_method, train
+from retain.trainer import Progress, TrainConfig, check_all_outputs, check_method, train
 
 
 @dataclass
@@ -54,6 +54,7 @@ class RunConfig:
     lr: float | None = None
     momentum: float | None = None
     reset_optimizer: bool = False  # a fresh optimizer per task (the default carries its state, as the papers' code)
+    all_outputs: bool = False  # class-IL: train over every output from the first task (Mammoth), not the seen ones
     normalize: tuple[float, float] | None = None  # inputs (x - mean) / std on [0, 1] pixels (Hsu's MNIST: 0.1, 0.2752)
     pad: int | None = None  # zero pixels added around each image before permuting (van de Ven's P2 loader: 2)
     seed: int = 0
@@ -79,6 +80,7 @@ class RunConfig:
         c.params = method.params()
         # Everything that can be checked without the data is checked here, in the first second of a run.
         check_method(method, c.mode, c.task_free)
+        check_all_outputs(c.all_outputs, c.mode)
         c.train_config().validate()
         _check_shape(c, b)
         return c
@@ -91,7 +93,7 @@ class RunConfig:
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, iterations=self.iterations, batch_size=self.batch_size,
                            optimizer=self.optimizer, lr=self.lr, momentum=self.momentum, seed=self.seed,
-                           reset_optimizer=self.reset_optimizer,
+                           reset_optimizer=self.reset_optimizer, all_outputs=self.all_outputs,
                            device=self.device, task_free=self.task_free, blurry=self.blurry,
                            evaluate_val=self.val_fraction > 0)
 

@@ -130,6 +130,8 @@ def add_run_options(p: argparse.ArgumentParser, single_method: bool = True) -> N
                    "loader)")
     t.add_argument("--reset-optimizer", action="store_true", help="a fresh optimizer at each task (default: its "
                    "state carries over, as in the reference code of the P1/P2 papers)")
+    t.add_argument("--all-outputs", action="store_true", help="class-IL: the training loss spans every output from "
+                   "the first task, as Mammoth's code (the DER protocol) does (default: the classes seen so far)")
     t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     t.add_argument("--val-fraction", type=float, default=0.0, help="hold out this share of each task's training "
                    "data as a validation split")
@@ -152,7 +154,8 @@ def run_config(args: argparse.Namespace, **over: Any):
         params=parse_params(args.param), n_tasks=args.n_tasks, arch=args.arch,
         hidden=parse_hidden(args.hidden) if args.hidden else None, epochs=args.epochs, iterations=args.iterations,
         batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
-        reset_optimizer=args.reset_optimizer, normalize=parse_pair(args.normalize, "--normalize"), pad=args.pad,
+        reset_optimizer=args.reset_optimizer, all_outputs=args.all_outputs,
+        normalize=parse_pair(args.normalize, "--normalize"), pad=args.pad,
         seed=getattr(args, "seed", 0), device=args.device,
         val_fraction=args.val_fraction,
         task_free=args.task_free, blurry=args.blurry, class_order=parse_int_list(args.class_order, "--class-order"),

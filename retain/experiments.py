@@ -439,8 +439,8 @@ def orders_report(records: list[dict[str, Any]], orders: dict[str, list[int]], e
 # -------------------------------------------------------------------------------------------------- sweeps
 
 RUN_FIELDS = ("benchmark", "mode", "n_tasks", "arch", "hidden", "epochs", "iterations", "batch_size", "optimizer",
-              "lr", "momentum", "reset_optimizer", "pad", "device", "task_free", "blurry", "class_order", "task_order",
-              "data_dir", "download")
+              "lr", "momentum", "reset_optimizer", "all_outputs", "pad", "device", "task_free", "blurry", "class_order",
+              "task_order", "data_dir", "download")
 SWEEP_KEYS = ("name", "seeds", "val_fraction", "select", "search", "samples", "random_seed", "methods", "modes",
               *RUN_FIELDS)
 
@@ -477,7 +477,7 @@ def _grid_values(where: str, key: str, value: Any) -> list[Any] | dict[str, Any]
 
 _INT_FIELDS = ("n_tasks", "epochs", "iterations", "batch_size", "pad")
 _FLOAT_FIELDS = ("lr", "momentum", "blurry")
-_BOOL_FIELDS = ("task_free", "download", "reset_optimizer")
+_BOOL_FIELDS = ("task_free", "download", "reset_optimizer", "all_outputs")
 _LIST_FIELDS = ("hidden", "class_order", "task_order")
 
 

@@ -31,6 +31,9 @@ STATUSES = ("running", "done", "failed")
 
 # Fields of a run configuration that say where the data is, not what the run is: left out of the hash.
 _NOT_HASHED = ("data_dir", "download")
+# Fields added after stores had been written: left out of the hash at their default, so a store's earlier runs
+# keep their hashes (and are still recognised as done).
+_HASHED_UNLESS_DEFAULT = {"all_outputs": False}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -87,7 +90,8 @@ def config_hash(config: dict[str, Any]) -> str:
 
     Two configurations that train the same thing hash alike whatever the order their keys were given in.
     """
-    clean = {k: v for k, v in config.items() if k not in _NOT_HASHED}
+    clean = {k: v for k, v in config.items() if k not in _NOT_HASHED
+             and not (k in _HASHED_UNLESS_DEFAULT and v is _HASHED_UNLESS_DEFAULT[k])}
     text = json.dumps(_clean(clean), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 

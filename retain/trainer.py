@@ -58,6 +58,10 @@ class TrainConfig:
     # False (van de Ven's and Hsu et al.'s reference code): the optimizer's state — Adam's moments, SGD's
     # momentum — carries over task boundaries; parameters a method adds start fresh. True: a fresh optimizer per task.
     reset_optimizer: bool = False
+    # class-IL only. False (van de Ven's and Hsu et al.'s code): the training cross-entropy spans the classes seen so
+    # far. True (Mammoth's code, the DER protocol): it spans every output from the first task, so the outputs of
+    # classes still to come are pushed down; evaluation is over all classes either way.
+    all_outputs: bool = False
 
     def validate(self) -> None:
         if self.epochs < 1 and self.iterations is None:
@@ -119,8 +123,8 @@ class Context:
         return self.method.forward(self, x, t)
 
     def mask(self, t: Tensor | int) -> Tensor | None:
-        """The training mask for rows of task(s) ``t``."""
-        return self.scenario.mask(t, self.seen)
+        """The training mask for rows of task(s) ``t`` (class-IL with ``all_outputs``: none, every output)."""
+        return self.scenario.mask(t, None if self.config.all_outputs else self.seen)
 
     def loss(self, out: Tensor, batch: Batch, reduction: str = "mean") -> Tensor:
         """Mode-aware cross-entropy: logits masked as the scenario says (the same mask evaluation uses)."""
@@ -256,6 +260,14 @@ def check_method(method: Method, mode: str, task_free: bool) -> None:
 def check_pairing(method: Method, scenario: Scenario, config: TrainConfig) -> None:
     """Refuse, before any training, a method in a mode it does not support or a task-free run it cannot do."""
     check_method(method, scenario.mode, config.task_free)
+    check_all_outputs(config.all_outputs, scenario.mode)
+
+
+def check_all_outputs(all_outputs: bool, mode: str) -> None:
+    """``all_outputs`` changes only the class-IL training mask; elsewhere it would be silently ignored."""
+    if all_outputs and mode != "class":
+        raise ConfigError(f"all_outputs (--all-outputs) is for class-IL: in {mode}-IL the training outputs are "
+                          f"fixed by the mode; drop it or use --mode class")
 
 
 def available_memory(device: torch.device) -> int | None:

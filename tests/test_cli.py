@@ -55,6 +55,7 @@ def test_iterations_and_n_tasks(tmp_path):
     (["run", "--normalize", "0.1,0"], "normalize must be two numbers MEAN,STD with STD > 0"),
     (["run", "--pad", "-1"], "pad must be a whole number of pixels >= 0, got -1"),
     (["run", "--pad", "two"], "argument --pad: invalid int value"),
+    (["run", "--mode", "task", "--all-outputs"], "all_outputs (--all-outputs) is for class-IL"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys):

@@ -44,6 +44,9 @@ def test_hash_is_stable_and_ignores_data_location():
     assert config_hash(a) == config_hash(b) == config_hash(CONFIG)
     assert config_hash(dict(CONFIG, seed=4)) != config_hash(CONFIG)
     assert config_hash(dict(CONFIG, params={"lambda": 10.5})) != config_hash(CONFIG)
+    # a field added later hashes alike at its default (earlier stores still match), and apart when set
+    assert config_hash(dict(CONFIG, all_outputs=False)) == config_hash(CONFIG)
+    assert config_hash(dict(CONFIG, all_outputs=True)) != config_hash(CONFIG)
 
 
 def _writer(path: str, worker: int, n: int) -> None:

@@ -217,3 +217,37 @@ def test_a_task_left_at_a_constant_guess_is_warned_about(collapse):
         assert r.accuracy_matrix[1][1] <= 0.5  # two balanced classes: a constant answer gets half
     else:
         assert not flagged and min(r.accuracy_matrix[t][t] for t in range(3)) > 0.6, r
+
+
+@pytest.mark.parametrize("all_outputs", [False, True])
+def test_class_il_training_spans_the_seen_classes_or_every_output(all_outputs):
+    """One SGD step from an all-zero MLP on task 0 (classes 0, 1 of 6): every logit is 0, so the softmax is uniform
+    over the active outputs and only the output biases move. Seen-classes mask: the other outputs get no gradient.
+    ``all_outputs`` (Mammoth's loss): each unseen bias gets the mean probability 1/6, so it ends at -lr/6."""
+    sc = tiny_split("class", n_tasks=3)
+    model = MLP(8, sc.n_outputs, (4,))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    lr = 0.6
+    after_task_0 = []
+
+    @dataclass
+    class Peek(Method):
+        def end_task(self, ctx):
+            if ctx.task == 0:
+                after_task_0.append(list(ctx.model.parameters())[-1].detach().clone())
+
+    train(sc, Peek(), model, TrainConfig(iterations=1, batch_size=8, optimizer="sgd", lr=lr,
+                                         all_outputs=all_outputs))
+    bias = after_task_0[0]
+    unseen = bias[2:]
+    expected = torch.full_like(unseen, -lr / 6 if all_outputs else 0.0)
+    assert torch.allclose(unseen, expected, atol=1e-7)
+    assert torch.allclose(bias.sum(), torch.tensor(0.0), atol=1e-6)  # softmax - one-hot sums to 0 per row
+
+
+def test_all_outputs_outside_class_il_is_refused_before_training():
+    sc = tiny_split("task", n_tasks=2)
+    with pytest.raises(ConfigError, match="is for class-IL"):
+        train(sc, Recorder(), MLP(8, sc.n_outputs, (4,)), TrainConfig(iterations=1, all_outputs=True))
