@@ -11,7 +11,8 @@ Protocols (../shared/PROTOCOLS.md):
   metrics on the other 17; MLP 256-256, one pass, batch 10, SGD 0.1; 250 samples per task; domain-IL (one head).
 * ``der`` — P3, Buzzega et al. 2020 Seq-MNIST: class-IL, MLP 100-100, 1 epoch, batch 10, SGD, reservoir buffer
   200 / 500 / 5120 with Mammoth's best learning rates, weights and replay minibatch (10, 64 or 128 rows); the
-  cross-entropy spans all 10 outputs from the first task, as in Mammoth's training loop (``all_outputs``).
+  cross-entropy spans all 10 outputs from the first task, as in Mammoth's training loop (``all_outputs``), and the
+  MLP starts from Mammoth's initialisation (Glorot-uniform weights, zero biases).
 * ``ewc_er`` — the EWC + ER hybrid on Split-MNIST class-IL (P1 settings: Adam 1e-3, batch 128) over a grid of
   λ × buffer size, beside EWC and ER alone.
 
@@ -105,7 +106,7 @@ def configs(a: argparse.Namespace) -> list[dict[str, Any]]:
                     out.append({"protocol": "der", "label": method, "column": str(size), "method": method,
                                 "benchmark": "split-mnist", "mode": "class", "hidden": (100, 100),
                                 "epochs": a.epochs or 1, "batch_size": 10, "optimizer": "sgd", "lr": lr,
-                                "params": {"buffer_size": size, **params}, "all_outputs": True,
+                                "params": {"buffer_size": size, **params}, "all_outputs": True, "init": "xavier",
                                 "published": DER_PUBLISHED.get((method, size), "—")})
     if "ewc_er" in protocols:
         lambdas = [float(x) for x in a.lambdas.split(",")]
@@ -168,11 +169,13 @@ def run_one(c: dict[str, Any], seed: int, data_dir: str | None, train_per_task: 
     if checkpoint:
         ckpt = Checkpointer(checkpoint, every=500, resume=True, fingerprint=Path(checkpoint).stem)
     model = None
-    if c.get("init") == "agem":  # the A-GEM code's initialisation: truncated normal (std 0.1) weights, biases 0.1
-        from retain.models import build_model, init_agem_
+    if c.get("init") in ("agem", "xavier"):
+        # A-GEM's code: truncated normal (std 0.1) weights, biases 0.1; Mammoth's (P3): Glorot uniform, biases 0
+        from retain.models import build_model, init_agem_, init_xavier_
 
         torch.manual_seed(seed)
-        model = init_agem_(build_model("mlp", sc.input_shape, sc.n_outputs, tuple(c["hidden"])))
+        init = init_agem_ if c["init"] == "agem" else init_xavier_
+        model = init(build_model("mlp", sc.input_shape, sc.n_outputs, tuple(c["hidden"])))
     t0 = time.perf_counter()
     r = api.run(scenario=sc, model=model, method=c["method"], params=c["params"], hidden=c["hidden"],
                 epochs=c["epochs"], batch_size=c["batch_size"], optimizer=c["optimizer"], lr=c["lr"], seed=seed,

@@ -84,6 +84,19 @@ def init_agem_(module: nn.Module) -> nn.Module:
     return module
 
 
+def init_xavier_(module: nn.Module) -> nn.Module:
+    """Mammoth's initialisation (``backbone.xavier``, the DER paper's MNIST MLP), in place: every weight of a
+    ``nn.Linear`` uniform in ±sqrt(6 / (fan_in + fan_out)) (Glorot & Bengio), every bias 0. PyTorch's default draws
+    the weights in ±1/sqrt(fan_in) and the biases too. Used by ``reproduce_replay.py``'s P3."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    m.bias.zero_()
+    return module
+
+
 def parse_hidden(text: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
     """``"400,400"`` -> ``(400, 400)``; every size a positive integer."""
     if isinstance(text, (tuple, list)):

@@ -34,3 +34,20 @@ def test_resnet_trains_through_the_loop_on_cifar_shaped_data():
     r = retain.run(scenario=sc, arch="resnet18", method="finetune", epochs=1, batch_size=10, optimizer="sgd",
                    lr=0.01)
     assert len(r.accuracy_matrix) == 2 and r.config["arch"] == "resnet18"
+
+
+def test_xavier_init_is_glorot_uniform_with_zero_biases():
+    """Mammoth's ``backbone.xavier`` (P3): weights uniform in ±sqrt(6 / (fan_in + fan_out)), biases 0."""
+    from retain.models import init_xavier_
+
+    torch.manual_seed(0)
+    m = init_xavier_(build_model("mlp", (784,), 10, (100, 100)))
+    linears = [x for x in m.modules() if isinstance(x, torch.nn.Linear)]
+    assert [tuple(x.weight.shape) for x in linears] == [(100, 784), (100, 100), (10, 100)]
+    for x in linears:
+        fan_out, fan_in = x.weight.shape
+        bound = (6 / (fan_in + fan_out)) ** 0.5
+        w = x.weight.detach()
+        assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound  # fills the interval, not PyTorch's ±1/√fan_in
+        assert abs(w.std().item() - bound / 3 ** 0.5) < 0.05 * bound  # a uniform's std: bound / √3
+        assert torch.count_nonzero(x.bias) == 0
