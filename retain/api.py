@@ -5,15 +5,14 @@
 >>> result.metrics["acc"] > 0.8
 True
 
-Configuration resolves in one order: the benchmark's protocol defaults < the method's preset for that
-benchmark and mode < the user's values (config file, then command-line flags).
+Configuration resolves in one order (:func:`retain.config.resolve`): the benchmark's protocol defaults < the
+method's preset for that benchmark and mode < the user's values (config file, then command-line flags).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import platform
 import resource
 import sys
@@ -25,82 +24,15 @@ import torch
 from torch import nn
 
 import retain
-from retain import benchmarks
 from retain.checkpoint import Checkpointer
-from retain.data import check_pad
+from retain.config import Run, RunConfig, resolve
 from retain.errors import ConfigError
-from retain.method import Method, create
+from retain.method import Method
 from retain.metrics import all_metrics
-from retain.models import build_model, parse_hidden
-from retain.scenarios import MODES, Scenario
-from retain.trainer import Progress, TrainConfig, check_all_outputs, check_method, train
+from retain.scenarios import Scenario
+from retain.trainer import Progress, train
 
-
-@dataclass
-class RunConfig:
-    """Everything that defines a run. ``None`` means "the benchmark's default"."""
-
-    benchmark: str = "split-digits"
-    method: str = "finetune"
-    mode: str | None = None
-    params: dict[str, Any] = field(default_factory=dict)  # method hyper-parameters (over the preset)
-    n_tasks: int | None = None
-    arch: str | None = None
-    hidden: tuple[int, ...] | None = None
-    epochs: int | None = None
-    iterations: int | None = None
-    batch_size: int | None = None
-    optimizer: str | None = None
-    lr: float | None = None
-    momentum: float | None = None
-    reset_optimizer: bool = False  # a fresh optimizer per task (the default carries its state, as the papers' code)
-    all_outputs: bool = False  # class-IL: train over every output from the first task (Mammoth), not the seen ones
-    normalize: tuple[float, float] | None = None  # inputs (x - mean) / std on [0, 1] pixels (Hsu's MNIST: 0.1, 0.2752)
-    pad: int | None = None  # zero pixels added around each image before permuting (van de Ven's P2 loader: 2)
-    seed: int = 0
-    device: str = "auto"
-    val_fraction: float = 0.0
-    task_free: bool = False
-    blurry: float = 0.0
-    class_order: list[int] | None = None
-    task_order: list[int] | None = None
-    data_dir: str | None = None
-    download: bool = False
-
-    def resolved(self) -> RunConfig:
-        """A copy with every default filled in from the benchmark, and the method's preset merged in."""
-        b = benchmarks.get(self.benchmark)
-        c = dataclasses.replace(self, params=dict(self.params))
-        c.mode = c.mode or b.mode
-        if c.mode not in MODES:
-            raise ConfigError(f"unknown mode {c.mode!r}; choose one of {', '.join(MODES)}")
-        c.n_tasks = b.n_tasks if c.n_tasks is None else c.n_tasks
-        _fill_training(c, b.defaults)
-        method = create(c.method, c.params, preset=f"{c.benchmark}/{c.mode}")
-        c.params = method.params()
-        # Everything that can be checked without the data is checked here, in the first second of a run.
-        check_method(method, c.mode, c.task_free)
-        check_all_outputs(c.all_outputs, c.mode)
-        c.train_config().validate()
-        _check_shape(c, b)
-        return c
-
-    def scenario(self) -> Scenario:
-        """The benchmark scenario of this (resolved) configuration."""
-        return benchmarks.scenario(self.benchmark, self.mode, self.n_tasks, self.seed, self.data_dir, self.download,
-                                   self.val_fraction, self.class_order, self.task_order, pad=self.pad)
-
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(epochs=self.epochs, iterations=self.iterations, batch_size=self.batch_size,
-                           optimizer=self.optimizer, lr=self.lr, momentum=self.momentum, seed=self.seed,
-                           reset_optimizer=self.reset_optimizer, all_outputs=self.all_outputs,
-                           device=self.device, task_free=self.task_free, blurry=self.blurry,
-                           evaluate_val=self.val_fraction > 0)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["hidden"] = list(d["hidden"]) if d["hidden"] is not None else None
-        return d
+__all__ = ["Result", "Run", "RunConfig", "execute", "resolve", "run"]
 
 
 @dataclass
@@ -116,6 +48,7 @@ class Result:
     warnings: list[str] = field(default_factory=list)
     val_matrix: list[list[float]] | None = None
     peak_memory_mb: float | None = None
+    memory: dict[str, int] | None = None  # the method's sample memory: {"rows", "bytes"} (Method.memory)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -149,33 +82,6 @@ class Result:
         return "\n".join(lines)
 
 
-# Classes per dataset, to refuse an impossible split before loading the data (the split checks again).
-DATASET_CLASSES = {"mnist": 10, "fashion-mnist": 10, "kmnist": 10, "cifar10": 10, "cifar100": 100, "digits": 10}
-
-
-def _check_shape(c: RunConfig, b: benchmarks.Benchmark) -> None:
-    """The scenario-shape checks that need no data: tasks, class and task orders, seed, validation share."""
-    if not 0 <= c.seed < 2**32:
-        raise ConfigError(f"seed must be in 0..{2**32 - 1}, got {c.seed}")
-    if not 0.0 <= c.val_fraction < 1.0:
-        raise ConfigError(f"val_fraction must be in [0, 1), got {c.val_fraction}")
-    _check_normalize(c)
-    if c.n_tasks < 1:
-        raise ConfigError(f"n_tasks must be at least 1, got {c.n_tasks}")
-    n_classes = DATASET_CLASSES.get(b.dataset)
-    if b.kind == "split" and n_classes is not None:
-        order = c.class_order if c.class_order is not None else list(range(n_classes))
-        if len(set(order)) != len(order) or any(not 0 <= k < n_classes for k in order):
-            raise ConfigError(f"class_order must list distinct classes in 0..{n_classes - 1}, got {order}")
-        if c.n_tasks > len(order):
-            raise ConfigError(f"{c.n_tasks} tasks but only {len(order)} classes; use --n-tasks {len(order)} "
-                              "or fewer")
-    elif c.class_order is not None and b.kind != "split":
-        raise ConfigError(f"--class-order is for split benchmarks; {b.name} is {b.kind}")
-    if c.task_order is not None and sorted(c.task_order) != list(range(c.n_tasks)):
-        raise ConfigError(f"task_order must be a permutation of 0..{c.n_tasks - 1}, got {list(c.task_order)}")
-
-
 def versions() -> dict[str, str]:
     return {"retain": retain.__version__, "torch": torch.__version__, "numpy": np.__version__,
             "python": sys.version.split()[0], "platform": platform.platform()}
@@ -187,37 +93,35 @@ def peak_memory_mb() -> float:
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
-def run(config: RunConfig | None = None, *, scenario: Scenario | None = None, model: nn.Module | None = None,
+def run(config: RunConfig | Run | None = None, *, scenario: Scenario | None = None, model: nn.Module | None = None,
         method: Method | str | None = None, progress: Progress | None = None, quiet: bool = True,
         checkpointer: Checkpointer | None = None, **overrides: Any) -> Result:
     """Run one continual-learning experiment and return its :class:`Result`.
 
-    Either a :class:`RunConfig` (or its fields as keyword arguments: ``run(benchmark="split-mnist",
+    Either a :class:`RunConfig` (or its options as keyword arguments: ``run(benchmark="split-mnist",
     method="ewc", mode="task", params={"lambda": 1e4})``), or the user's own ``scenario`` (and optionally
-    ``model``; an MLP of ``hidden`` sizes otherwise) with the training fields as keywords. A
+    ``model``; an MLP of ``hidden`` sizes otherwise) with the training options as keywords. ``method`` may be a
+    name (``"ewc+er"`` composes) or an instance, whose own hyper-parameters are then recorded. A
     :class:`retain.checkpoint.Checkpointer` makes the run checkpoint (and resume from its file if asked).
+    Everything is resolved and checked once (:func:`retain.config.resolve`) before any data is loaded.
     """
-    config = dataclasses.replace(config, **overrides) if config else RunConfig(**overrides)
-    if isinstance(method, str):
-        config.method, method = method, None
-    if isinstance(method, Method):
-        config.method = method.name
-    if scenario is None:
-        config = config.resolved()
-        scenario = config.scenario()
-    else:
-        config.benchmark, config.mode, config.n_tasks = scenario.name, scenario.mode, scenario.n_tasks
-        config = _resolve_custom(config)
-    if config.normalize is not None:
-        scenario.mean, scenario.std = (config.normalize[0],), (config.normalize[1],)
-    if method is None:
-        method = create(config.method, config.params, preset=f"{config.benchmark}/{config.mode}")
-    torch.manual_seed(config.seed)
-    if model is None:
-        model = build_model(config.arch, scenario.input_shape, scenario.n_outputs, config.hidden)
-    trained = train(scenario, method, model, config.train_config(), progress, checkpointer)
+    if not isinstance(config, Run):
+        config = resolve(config, scenario=scenario, model=model, method=method, **overrides)
+    elif scenario is not None or model is not None or method is not None or overrides:
+        raise ConfigError("a resolved Run already names its scenario, model and method; pass them to resolve()")
+    return execute(config, progress, checkpointer)
+
+
+def execute(run: Run, progress: Progress | None = None, checkpointer: Checkpointer | None = None,
+            alone: int | None = None) -> Result:
+    """Train a resolved :class:`Run` (``alone``: only its task ``alone``, to measure how hard a task is)."""
+    scenario = run.build_scenario()
+    if alone is not None:
+        scenario = only_task(scenario, alone)
+    model = run.build_model(scenario)
+    trained = train(scenario, run.method, model, run.train_config(), progress, checkpointer)
     return Result(
-        config=config.to_dict(),
+        config=run.spec(),
         accuracy_matrix=trained.accuracy_matrix,
         baseline=trained.baseline,
         metrics=all_metrics(trained.accuracy_matrix, trained.baseline),
@@ -226,40 +130,19 @@ def run(config: RunConfig | None = None, *, scenario: Scenario | None = None, mo
         warnings=trained.warnings,
         val_matrix=trained.val_matrix,
         peak_memory_mb=peak_memory_mb(),
+        memory=_memory(run.method, scenario),
     )
 
 
-def _fill_training(c: RunConfig, d: dict[str, Any]) -> None:
-    """Fill ``c``'s unset model and training fields from ``d`` (a benchmark's protocol defaults, or none)."""
-    c.arch = c.arch or d.get("arch", "mlp")
-    c.hidden = parse_hidden(c.hidden) if c.hidden is not None else tuple(d.get("hidden", (400, 400)))
-    if c.epochs is None and c.iterations is None:
-        c.epochs, c.iterations = d.get("epochs", 1), d.get("iterations")
-    elif c.epochs is None:
-        c.epochs = 1
-    for k, default in (("batch_size", 128), ("optimizer", "adam"), ("lr", 1e-3), ("momentum", 0.0), ("pad", 0)):
-        if getattr(c, k) is None:
-            setattr(c, k, d.get(k, default))
-    check_pad(c.pad)
+def _memory(method: Method, scenario: Scenario) -> dict[str, int] | None:
+    """The method's own report of the samples it keeps (rows and bytes), for the record and the report."""
+    report = getattr(method, "memory", None)
+    return report(scenario).to_dict() if callable(report) else None
 
 
-def _resolve_custom(c: RunConfig) -> RunConfig:
-    """Defaults for a user-built scenario (no benchmark table to draw from)."""
-    c = dataclasses.replace(c, params=dict(c.params))
-    _fill_training(c, {})
-    if c.pad:
-        raise ConfigError(f"pad={c.pad} applies to the named benchmarks; pad your own images before building the "
-                          "scenario (retain.data.pad)")
-    _check_normalize(c)
-    return c
-
-
-def _check_normalize(c: RunConfig) -> None:
-    if c.normalize is None:
-        return
-    ok = (isinstance(c.normalize, (list, tuple)) and len(c.normalize) == 2
-          and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in c.normalize)
-          and c.normalize[1] > 0)
-    if not ok:
-        raise ConfigError(f"normalize must be two numbers MEAN,STD with STD > 0, got {c.normalize!r}")
-    c.normalize = (float(c.normalize[0]), float(c.normalize[1]))
+def only_task(scenario: Scenario, j: int) -> Scenario:
+    """The scenario reduced to its task ``j`` (the same outputs and mode): to measure how hard a task is alone."""
+    tp = scenario.transform_params
+    return dataclasses.replace(scenario, tasks=[scenario.tasks[j]], label_map=scenario.label_map[[j]],
+                               task_out=scenario.task_out[[j]],
+                               transform_params=tp[[j]] if tp is not None else None)

@@ -1,7 +1,20 @@
-"""Configuration files: TOML or YAML mappings read into plain dicts, and ``--config FILE`` for the CLI.
+"""The run-option schema: every option of a run declared once, and :func:`resolve`, the one place a run is checked.
 
-A config file for ``retain run`` (or ``compare`` / ``orders``) holds the command's options by name, dashes or
-underscores alike, with the method's hyper-parameters under ``params``::
+Each field of :class:`RunConfig` is one option, declared with :func:`option` (default, help, check, flag, how it
+enters the store's hash). From that single declaration come the ``retain run`` flags (:mod:`retain.cli.options`),
+the keys of config files and their types, the types of sweep files (:mod:`retain.experiments`), the store's
+configuration hash (:func:`hashed`) and the ``--dry-run`` print-out. Values arrive as strings (command line), as
+TOML/YAML values (files) or as Python objects (the API) and are all turned into the option's type by
+:func:`coerce`, with one error message per kind of mistake.
+
+:func:`resolve` fills every unset option in one order — the benchmark's protocol defaults < the method's preset for
+that benchmark and mode < the user's values (config file, then flags) — checks everything that can be checked
+without the data, creates the method once, and returns a :class:`Run`. ``retain.run``, ``retain run``, compare /
+orders / sweep / reproduce and the executors all execute a :class:`Run`; nothing downstream resolves or checks
+again. A benchmark run and a run on the user's own scenario differ only in where the scenario comes from.
+
+A config file for ``retain run`` (or ``compare`` / ``orders``) holds options by name, dashes or underscores alike,
+with the method's hyper-parameters under ``params``::
 
     benchmark = "split-digits"
     method = "ewc"
@@ -9,21 +22,301 @@ underscores alike, with the method's hyper-parameters under ``params``::
     hidden = [100, 100]
     [params]
     lambda = 100
-
-The file's values are turned into the command's own flags and placed *before* the ones typed, so the same
-parser checks them (types, choices) and a flag on the command line overrides the file.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import math
 import os
 import sys
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from retain.errors import ConfigError
 
+MODES = ("task", "domain", "class")
+
+
+# ------------------------------------------------------------------------------------------------ the schema
+
+def option(default: Any, help: str, *, check: Callable[[Any], str | None] | None = None,  # noqa: A002
+           choices: tuple[str, ...] | None = None, hash: str = "always", group: str = "training",  # noqa: A002
+           metavar: str | None = None) -> Any:
+    """Declare a run option: a dataclass field whose metadata the CLI, files, sweeps and the store read.
+
+    ``check(value)`` returns what is wrong with a (coerced, non-None) value as a phrase, or None. ``hash``:
+    ``always``; ``unless-default`` (options added after stores were written: left out of the hash at their
+    default, so earlier runs keep their hashes); ``never`` (where the data is, not what the run is).
+    """
+    meta = {"help": help, "check": check, "choices": choices, "hash": hash, "group": group, "metavar": metavar}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _at_least(low: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= low else f"must be at least {low}, got {v}"
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 and math.isfinite(v) else f"must be a positive number, got {v}"
+
+
+def _non_negative(v: float) -> str | None:
+    return None if v >= 0 and math.isfinite(v) else f"must be a finite number >= 0, got {v}"
+
+
+def _unit_interval(v: float) -> str | None:
+    return None if 0.0 <= v < 1.0 else f"must be in [0, 1), got {v}"
+
+
+def _seed(v: int) -> str | None:
+    return None if 0 <= v < 2**32 else f"must be in 0..{2**32 - 1}, got {v}"
+
+
+def _hidden(v: tuple[int, ...]) -> str | None:
+    return None if v and all(s >= 1 for s in v) else f"must be positive layer sizes like 400,400, got {list(v)}"
+
+
+def _normalize(v: tuple[float, float]) -> str | None:
+    ok = len(v) == 2 and all(math.isfinite(x) for x in v) and v[1] > 0
+    return None if ok else f"must be two numbers MEAN,STD with STD > 0, got {list(v)}"
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run. ``None`` means "the benchmark's default" (filled in by :func:`resolve`)."""
+
+    benchmark: str = option("split-digits", "see `retain benchmarks` (default split-digits)", group="run")
+    method: str = option("finetune", "see `retain methods`; join methods with + for a hybrid, e.g. ewc+er "
+                         "(default finetune)", group="run")
+    mode: str | None = option(None, "task, domain or class (default: the benchmark's)", choices=MODES, group="run")
+    params: dict[str, Any] = option({}, "method hyper-parameter NAME=VALUE (repeatable), e.g. --param lambda=100; "
+                                    "over the method's preset", group="run", metavar="NAME=VALUE")
+    seed: int = option(0, "random seed (default 0)", check=_seed, group="run")
+    n_tasks: int | None = option(None, "number of tasks (default: the benchmark's)", check=_at_least(1))
+    arch: str | None = option(None, "model: mlp or resnet18 (default: the benchmark's)", choices=("mlp", "resnet18"))
+    hidden: tuple[int, ...] | None = option(None, "MLP hidden sizes, e.g. 400,400", check=_hidden, metavar="SIZES")
+    epochs: int | None = option(None, "passes over each task's data", check=_at_least(1))
+    iterations: int | None = option(None, "steps per task (instead of --epochs)", check=_at_least(1))
+    batch_size: int | None = option(None, "training batch size", check=_at_least(1))
+    optimizer: str | None = option(None, "adam or sgd (default: the benchmark's)", choices=("adam", "sgd"))
+    lr: float | None = option(None, "learning rate (default: the benchmark's)", check=_positive)
+    momentum: float | None = option(None, "SGD momentum (default 0)", check=_non_negative)
+    reset_optimizer: bool = option(False, "a fresh optimizer at each task (default: its state carries over, as in "
+                                   "the reference code of the P1/P2 papers)")
+    all_outputs: bool = option(False, "class-IL: the training loss spans every output from the first task, as "
+                               "Mammoth's code (the DER protocol) does (default: the classes seen so far)",
+                               hash="unless-default")
+    normalize: tuple[float, float] | None = option(
+        None, "inputs (x - MEAN) / STD on [0, 1] pixels, e.g. 0.1,0.2752 as Hsu et al.'s MNIST loader (default: the "
+        "dataset's own)", check=_normalize, metavar="MEAN,STD")
+    pad: int | None = option(None, "zero pixels added on each side of every image before the tasks' transforms "
+                             "(default: the benchmark's; permuted-mnist pads to 32x32 as van de Ven's loader)",
+                             check=lambda v: None if v >= 0 else f"must be a whole number of pixels >= 0, got {v}",
+                             metavar="PIXELS")
+    device: str = option("auto", "auto (CUDA when present), cpu, cuda[:N]")
+    val_fraction: float = option(0.0, "hold out this share of each task's training data as a validation split",
+                                 check=_unit_interval)
+    task_free: bool = option(False, "one stream of batches, no task boundaries (one pass over the data)")
+    blurry: float = option(0.0, "task-free: blur width of task transitions in [0, 1)", check=_unit_interval)
+    task_order: list[int] | None = option(None, "permutation of the tasks, e.g. 4,3,2,1,0", metavar="ORDER")
+    class_order: list[int] | None = option(None, "order of the classes before they are cut into tasks",
+                                           metavar="ORDER")
+    data_dir: str | None = option(None, "folder with the dataset files (else $RETAIN_DATA, ~/.cache/retain, ...)",
+                                  hash="never", group="data", metavar="DIR")
+    download: bool = option(False, "fetch missing data from the canonical mirrors", hash="never", group="data")
+
+    def resolved(self) -> RunConfig:
+        """A copy with every default filled in and everything checked (see :func:`resolve`)."""
+        return resolve(self).config
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as JSON-ready values (what the record, the store and ``--dry-run`` show)."""
+        d = {}
+        for o in OPTIONS.values():
+            v = getattr(self, o.name)
+            d[o.name] = list(v) if isinstance(v, tuple) else (dict(v) if isinstance(v, dict) else v)
+        return d
+
+
+@dataclass(frozen=True)
+class Option:
+    """One run option as the schema sees it (built from a :class:`RunConfig` field)."""
+
+    name: str
+    kind: str  # str | int | float | bool | ints | floats2 | params
+    optional: bool
+    default: Any
+    help: str
+    check: Callable[[Any], str | None] | None
+    choices: tuple[str, ...] | None
+    hash: str
+    group: str
+    metavar: str | None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def label(self) -> str:
+        """How errors name the option: ``lr (--lr)``."""
+        return f"{self.name} ({self.flag})"
+
+
+def _kind(annotation: Any) -> tuple[str, bool]:
+    args = typing.get_args(annotation)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), annotation) if args and optional else annotation
+    if base in (str, int, float, bool):
+        return base.__name__, optional
+    origin, inner = typing.get_origin(base), typing.get_args(base)
+    if origin is dict:
+        return "params", optional
+    if origin in (list, tuple) and inner and inner[0] is int:
+        return "ints", optional
+    if origin is tuple and inner == (float, float):
+        return "floats2", optional
+    raise TypeError(f"run option type {annotation} is not supported by the schema")  # pragma: no cover
+
+
+def _schema() -> dict[str, Option]:
+    hints = typing.get_type_hints(RunConfig)
+    out = {}
+    for f in dataclasses.fields(RunConfig):
+        kind, optional = _kind(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        m = f.metadata
+        out[f.name] = Option(f.name, kind, optional, default, m["help"], m["check"], m["choices"], m["hash"],
+                             m["group"], m["metavar"])
+    return out
+
+
+OPTIONS: dict[str, Option] = _schema()
+
+
+# -------------------------------------------------------------------------------------------------- values
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def coerce(name: str, value: Any, where: str = "") -> Any:
+    """``value`` (a string from the command line, a TOML/YAML value, or a Python object) as option ``name``'s
+    type, checked; a :class:`ConfigError` naming the option and the fix otherwise."""
+    o = OPTIONS[name]
+    prefix = f"{where}: " if where else ""
+    if value is None or (o.optional and isinstance(value, str) and value.strip().lower() in ("none", "null")):
+        if o.optional or o.kind == "params":
+            return {} if o.kind == "params" else None
+        raise ConfigError(f"{prefix}{o.label()} needs a value, got none")
+
+    def bad(expect: str) -> ConfigError:
+        return ConfigError(f"{prefix}{o.label()} expects {expect}, got {value!r}")
+
+    k = o.kind
+    if k == "params":
+        if not isinstance(value, dict):
+            raise ConfigError(f"{prefix}params must be a mapping of hyper-parameter names to values, got {value!r}")
+        out: Any = {str(key): v for key, v in value.items()}
+    elif k == "bool":
+        if isinstance(value, bool):
+            out = value
+        elif isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            out = value.strip().lower() in _TRUE
+        else:
+            raise bad("true or false")
+    elif k == "int":
+        out = _number(value, int)
+        if out is None:
+            raise bad("a whole number")
+    elif k == "float":
+        out = _number(value, float)
+        if out is None or not math.isfinite(out):
+            raise bad("a finite number")
+    elif k == "str":
+        if not isinstance(value, str):
+            raise bad("a string")
+        out = value.strip()
+    elif k == "ints":
+        parts = _parts(value)
+        nums = [_number(p, int) for p in parts] if parts is not None else None
+        if not nums or any(n is None for n in nums):
+            raise bad("comma-separated positive integers like 400,400" if name == "hidden" else
+                      "comma-separated whole numbers like 0,1,2")
+        out = tuple(nums) if name == "hidden" else list(nums)
+    else:  # floats2
+        parts = _parts(value)
+        nums = [_number(p, float) for p in parts] if parts is not None else None
+        if not nums or len(nums) != 2 or any(n is None for n in nums):
+            raise bad("two comma-separated numbers like 0.1,0.2752")
+        out = (float(nums[0]), float(nums[1]))
+    if o.choices and out not in o.choices:
+        raise ConfigError(f"{prefix}unknown {name} {out!r}; choose one of {', '.join(o.choices)}")
+    problem = o.check(out) if o.check else None
+    if problem:
+        raise ConfigError(f"{prefix}{name} {problem}" + (f" ({o.flag})" if not where else ""))
+    return out
+
+
+def _number(value: Any, typ: type) -> Any:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value.strip()) if typ is float or not value.strip().lstrip("+-").isdigit() \
+                else int(value.strip())
+        except ValueError:
+            return None
+    if isinstance(value, (int, float)):
+        if typ is int:
+            return int(value) if float(value).is_integer() else None
+        return float(value)
+    return None
+
+
+def _parts(value: Any) -> list[Any] | None:
+    if isinstance(value, str):
+        return [p.strip() for p in value.split(",") if p.strip()]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [value]
+    return None
+
+
+def from_mapping(values: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """Run options from a mapping (a config file, keyword arguments): keys by name, dashes or underscores alike,
+    each value coerced; ``params`` (or ``param``) holds the method's hyper-parameters. Unknown keys are an error
+    listing the valid ones."""
+    out: dict[str, Any] = {}
+    for raw_key, value in values.items():
+        key = str(raw_key).replace("-", "_")
+        if key == "param":
+            key = "params"
+        if key not in OPTIONS:
+            raise ConfigError(f"{where + ': ' if where else ''}unknown option {raw_key!r}; valid options: "
+                              f"{', '.join(OPTIONS)}")
+        out[key] = coerce(key, value, where)
+    return out
+
+
+def hashed(spec: dict[str, Any]) -> dict[str, Any]:
+    """The part of a run's spec that its store hash covers (see :func:`option`'s ``hash``); keys the schema does
+    not know (a job's ``alone``) are kept."""
+    out = {}
+    for k, v in spec.items():
+        o = OPTIONS.get(k)
+        if o is not None and (o.hash == "never" or (o.hash == "unless-default" and v == o.default)):
+            continue
+        out[k] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- config files
 
 def load(path: str | os.PathLike) -> dict[str, Any]:
     """Read a TOML (``.toml``) or YAML (``.yaml`` / ``.yml``) file whose top level is a mapping."""
@@ -75,45 +368,153 @@ def _yaml(text: str, path: Path) -> Any:
         raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
 
 
-def _scalar(key: str, value: Any) -> str:
-    if isinstance(value, (dict, set)):
-        raise ConfigError(f"config option {key!r} must be a single value or a list, got a mapping")
-    if isinstance(value, (list, tuple)):
-        if any(isinstance(v, (list, dict, tuple)) for v in value):
-            raise ConfigError(f"config option {key!r}: a list of plain values expected, got {value!r}")
-        return ",".join(str(v) for v in value)
-    if isinstance(value, bool):
-        return str(value).lower()
-    return str(value)
+# ------------------------------------------------------------------------------------------------- resolving
+
+# Classes per dataset, to refuse an impossible split before loading the data (the split checks again).
+DATASET_CLASSES = {"mnist": 10, "fashion-mnist": 10, "kmnist": 10, "cifar10": 10, "cifar100": 100, "digits": 10}
+_TRAINING_DEFAULTS = {"arch": "mlp", "hidden": (400, 400), "batch_size": 128, "optimizer": "adam", "lr": 1e-3,
+                      "momentum": 0.0, "pad": 0}
 
 
-def to_argv(values: dict[str, Any], parser: argparse.ArgumentParser, path: str = "config") -> list[str]:
-    """The flags of ``parser`` that say what ``values`` say. Unknown names are an error listing the valid ones."""
-    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
-    argv: list[str] = []
-    for raw_key, value in values.items():
-        key = str(raw_key).replace("-", "_")
-        if key in ("params", "param") and "param" in actions:
-            if isinstance(value, dict):
-                items = [f"{k}={_scalar(f'params.{k}', v)}" for k, v in value.items()]
-            elif isinstance(value, list):
-                items = [str(v) for v in value]
-            else:
-                raise ConfigError(f"{path}: params must be a mapping of hyper-parameter names to values")
-            argv += [f"--param={item}" for item in items]
-            continue
-        action = actions.get(key)
-        if action is None:
-            valid = ", ".join(sorted(d for d in actions if d not in ("debug",)))
-            raise ConfigError(f"{path}: unknown option {raw_key!r}; valid options: {valid}")
-        flag = action.option_strings[-1]
-        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-            if not isinstance(value, bool):
-                raise ConfigError(f"{path}: option {raw_key!r} must be true or false, got {value!r}")
-            if value == isinstance(action, argparse._StoreTrueAction):
-                argv.append(flag)
-            continue
-        if value is None:
-            continue
-        argv.append(f"{flag}={_scalar(raw_key, value)}")  # one token: values like -1 are not taken for flags
-    return argv
+@dataclass
+class Run:
+    """A resolved run: every option filled in and checked, the method created. What every path executes.
+
+    ``scenario`` / ``model``: the user's own (``retain.run(scenario=..., model=...)``); ``None`` for a benchmark
+    run, whose scenario :meth:`build_scenario` makes from the data and whose model :meth:`build_model` makes.
+    """
+
+    config: RunConfig
+    method: Any  # retain.method.Method
+    scenario: Any = None  # retain.scenarios.Scenario | None
+    model: Any = None  # torch.nn.Module | None
+
+    def spec(self) -> dict[str, Any]:
+        """The resolved configuration as JSON values, with the method's actual hyper-parameters."""
+        d = self.config.to_dict()
+        d["params"] = dict(self.method.params())
+        return d
+
+    def build_scenario(self) -> Any:
+        if self.scenario is not None:
+            sc = self.scenario
+        else:
+            from retain import benchmarks
+
+            c = self.config
+            sc = benchmarks.scenario(c.benchmark, c.mode, c.n_tasks, c.seed, c.data_dir, c.download, c.val_fraction,
+                                     c.class_order, c.task_order, pad=c.pad)
+        if self.config.normalize is not None:
+            sc.mean, sc.std = (self.config.normalize[0],), (self.config.normalize[1],)
+        return sc
+
+    def build_model(self, scenario: Any) -> Any:
+        """The user's model, or the configured one, created after seeding torch with the run's seed."""
+        import torch
+
+        from retain.models import build_model
+
+        torch.manual_seed(self.config.seed)
+        if self.model is not None:
+            return self.model
+        c = self.config
+        return build_model(c.arch, scenario.input_shape, scenario.n_outputs, c.hidden)
+
+    def train_config(self) -> Any:
+        from retain.trainer import TrainConfig
+
+        c = self.config
+        return TrainConfig(epochs=c.epochs, iterations=c.iterations, batch_size=c.batch_size, optimizer=c.optimizer,
+                           lr=c.lr, momentum=c.momentum, seed=c.seed, reset_optimizer=c.reset_optimizer,
+                           all_outputs=c.all_outputs, device=c.device, task_free=c.task_free, blurry=c.blurry,
+                           evaluate_val=c.val_fraction > 0)
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> Run:
+        """The run a resolved spec describes (an executor's job): values taken as they are, not resolved again."""
+        from retain.method import create
+
+        fields = {k: v for k, v in spec.items() if k in OPTIONS}
+        if fields.get("hidden") is not None:
+            fields["hidden"] = tuple(fields["hidden"])
+        if fields.get("normalize") is not None:
+            fields["normalize"] = tuple(fields["normalize"])
+        config = RunConfig(**fields)
+        return cls(config, create(config.method, config.params))
+
+
+def resolve(config: RunConfig | dict[str, Any] | None = None, *, scenario: Any = None, model: Any = None,
+            method: Any = None, **values: Any) -> Run:
+    """Fill, check and freeze a run. ``config`` (a :class:`RunConfig` or a mapping of options) with ``values``
+    over it; ``method`` a name or an instance (its own hyper-parameters are recorded); ``scenario`` / ``model``
+    the user's own. Every problem is a :class:`ConfigError` raised here, before any data is loaded."""
+    from retain.method import Method, check_pairing, create
+
+    if isinstance(config, dict):
+        config = RunConfig(**from_mapping(config, "config"))
+    config = dataclasses.replace(config or RunConfig(), **from_mapping(values, ""))
+    for o in OPTIONS.values():  # a RunConfig built by hand may hold strings ("0.01") or lists: one coercion
+        setattr(config, o.name, coerce(o.name, getattr(config, o.name)))
+    c = config
+    if isinstance(method, str):
+        c.method, method = method, None
+    if method is not None and not isinstance(method, Method):
+        raise ConfigError(f"method must be a registered name or a retain Method instance, got {type(method).__name__}")
+    if c.iterations is not None and c.epochs not in (None, 1):  # 1: what resolving fills in beside iterations
+        raise ConfigError("give --epochs or --iterations, not both")
+    if c.blurry and not c.task_free:
+        raise ConfigError("--blurry blurs the task boundaries of a task-free stream; add --task-free or drop it")
+    if scenario is None:
+        from retain import benchmarks
+
+        b = benchmarks.get(c.benchmark)
+        defaults, dataset, kind = b.defaults, b.dataset, b.kind
+        c.mode = c.mode or b.mode
+        c.n_tasks = b.n_tasks if c.n_tasks is None else c.n_tasks
+    else:
+        if c.pad:
+            raise ConfigError(f"pad={c.pad} applies to the named benchmarks; pad your own images before building "
+                              "the scenario (retain.data.pad)")
+        defaults, dataset, kind = {}, None, None
+        c.benchmark, c.mode, c.n_tasks = scenario.name, scenario.mode, scenario.n_tasks
+    _fill_training(c, defaults)
+    if model is not None:
+        c.arch, c.hidden = f"custom:{type(model).__name__}", None
+    if method is None:
+        method = create(c.method, c.params, preset=f"{c.benchmark}/{c.mode}")
+    else:
+        c.method = method.name
+    c.params = dict(method.params())
+    check_pairing(method, c.mode, c.task_free, c.all_outputs)
+    _check_shape(c, dataset, kind)
+    from retain.trainer import resolve_device
+
+    resolve_device(c.device)
+    return Run(c, method, scenario, model)
+
+
+def _fill_training(c: RunConfig, d: dict[str, Any]) -> None:
+    """Fill ``c``'s unset model and training options from ``d`` (a benchmark's protocol defaults, or none)."""
+    if c.epochs is None and c.iterations is None:
+        c.epochs, c.iterations = d.get("epochs", 1), d.get("iterations")
+    elif c.epochs is None:
+        c.epochs = 1
+    for k, default in _TRAINING_DEFAULTS.items():
+        if getattr(c, k) is None:
+            setattr(c, k, coerce(k, d.get(k, default)))
+
+
+def _check_shape(c: RunConfig, dataset: str | None, kind: str | None) -> None:
+    """The scenario-shape checks that need no data: class and task orders against the number of tasks."""
+    n_classes = DATASET_CLASSES.get(dataset or "")
+    if kind == "split" and n_classes is not None:
+        order = c.class_order if c.class_order is not None else list(range(n_classes))
+        if len(set(order)) != len(order) or any(not 0 <= k < n_classes for k in order):
+            raise ConfigError(f"class_order must list distinct classes in 0..{n_classes - 1}, got {order}")
+        if c.n_tasks > len(order):
+            raise ConfigError(f"{c.n_tasks} tasks but only {len(order)} classes; use --n-tasks {len(order)} "
+                              "or fewer")
+    elif c.class_order is not None and kind is not None and kind != "split":
+        raise ConfigError(f"--class-order is for split benchmarks; {c.benchmark} is {kind}")
+    if c.task_order is not None and sorted(c.task_order) != list(range(c.n_tasks)):
+        raise ConfigError(f"task_order must be a permutation of 0..{c.n_tasks - 1}, got {list(c.task_order)}")

@@ -1,7 +1,7 @@
 """Where runs execute: in this process, in a local process pool, or as tasks on a Ray cluster.
 
-Every executor runs the same function, :func:`execute`, on a job spec (a resolved run configuration as a dict)
-and hands back an *outcome* dict; only the driver writes to the results store. Inside a worker torch uses one
+Every executor runs the same function, :func:`retain.jobs.execute`, on a job spec (a resolved run configuration
+as a dict) and hands back an *outcome* dict; only the driver writes to the results store. Inside a worker torch uses one
 thread, so a run computes exactly the same numbers whichever executor ran it and however many ran beside it.
 """
 
@@ -12,89 +12,17 @@ import multiprocessing as mp
 import os
 import queue as queue_mod
 import time
-import traceback
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from retain.errors import ConfigError, RetainError
+from retain.errors import ConfigError
+from retain.jobs import Outcome, execute
 
-Outcome = dict[str, Any]  # {"status": "done", "result": {...}} | {"status": "failed", "reason", "task", "step"}
 Report = Callable[[int, int, int, int, float], None]  # (job index, task, step, n_steps, loss)
 
 _progress_queue: Any = None  # set in pool workers: where per-run progress goes
-
-
-# ---------------------------------------------------------------------------------------------- one run
-
-def _reset_peak_memory() -> None:
-    """Reset this process's resident-memory high-water mark (Linux), so each run reports its own peak."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _peak_memory_mb() -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-def execute(spec: dict[str, Any], options: dict[str, Any], index: int = 0,
-            report: Report | None = None) -> Outcome:
-    """Run one job and describe how it went. Never raises for a run's own failure: a diverged run, a bad
-    configuration or a crash inside a method becomes a ``failed`` outcome with the reason (and step)."""
-    from retain import api
-    from retain.checkpoint import Checkpointer
-    from retain.experiments import ensure_methods, only_task, spec_hash
-    from retain.trainer import TrainingError
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    h = spec_hash(spec)
-    ckpt = None
-    if options.get("checkpoint_dir"):
-        ckpt = Checkpointer(Path(options["checkpoint_dir"]) / f"{h}.ckpt", options.get("checkpoint_every"),
-                            resume=options.get("resume", True), fingerprint=h)
-    fields = {k: v for k, v in spec.items() if k != "alone"}
-    if fields.get("hidden") is not None:
-        fields["hidden"] = tuple(fields["hidden"])
-    progress = None
-    if report is not None:
-        progress = lambda task, step, n, loss: report(index, task, step, n, loss)  # noqa: E731
-    _reset_peak_memory()
-    try:
-        ensure_methods([fields["method"]])
-        cfg = api.RunConfig(**fields)
-        scenario = cfg.scenario()
-        if spec.get("alone") is not None:
-            scenario = only_task(scenario, spec["alone"])
-        result = api.run(cfg, scenario=scenario, progress=progress, checkpointer=ckpt)
-    except TrainingError as e:
-        return {"status": "failed", "reason": str(e), "task": e.task, "step": e.step}
-    except RetainError as e:
-        return {"status": "failed", "reason": str(e), "task": None, "step": None}
-    except Exception as e:  # noqa: BLE001 - a bug in one method must not take the sweep down
-        last = traceback.extract_tb(e.__traceback__)[-1]
-        return {"status": "failed", "reason": f"internal error {type(e).__name__}: {e} "
-                f"({Path(last.filename).name}:{last.lineno})", "task": None, "step": None}
-    finally:
-        torch.set_num_threads(threads)
-    if ckpt is not None:
-        ckpt.finished()
-    record = result.to_dict()
-    record["config"] = spec  # the job's own spec (it says `alone` where the run trained one task)
-    record["peak_memory_mb"] = _peak_memory_mb() or record["peak_memory_mb"]
-    return {"status": "done", "result": record}
 
 
 # ------------------------------------------------------------------------------------------------ executors
@@ -154,7 +82,7 @@ class LocalPool(Executor):
         self.workers = workers
         if "forkserver" in mp.get_all_start_methods():
             ctx = mp.get_context("forkserver")
-            ctx.set_forkserver_preload(["retain.executors", "retain.api", "retain.benchmarks"])
+            ctx.set_forkserver_preload(["retain.executors", "retain.jobs", "retain.api", "retain.benchmarks"])
         else:
             ctx = mp.get_context("spawn")
         self.queue = ctx.Queue()

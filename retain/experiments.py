@@ -21,41 +21,32 @@ from typing import Any
 
 import numpy as np
 
+from retain.config import OPTIONS, coerce
 from retain.errors import ConfigError
 from retain.executors import Executor, InProcess
-from retain.store import Store, config_hash
+from retain.jobs import Job, checkpoint_dir, make_job
+from retain.store import Store
+
+__all__ = ["Job", "make_job", "checkpoint_dir", "run_jobs", "compare_jobs", "difficulty_jobs", "parse_sweep",
+           "sweep_jobs", "choose"]
 
 CLASSIC = ("finetune", "ewc", "er", "agem")  # the README's first comparison
-METRICS = ("acc", "bwt", "fwt", "forgetting", "train_s", "peak_mb")
+METRICS = ("acc", "bwt", "fwt", "forgetting", "memory_rows", "train_s", "peak_mb")
 HIGHER_IS_BETTER = {"acc": True, "bwt": True, "fwt": True, "forgetting": False, "train_s": False,
-                    "peak_mb": False, "val_acc": True}
+                    "peak_mb": False, "val_acc": True, "memory_rows": False}
 LABELS = {"acc": "ACC %", "bwt": "BWT", "fwt": "FWT", "forgetting": "forgetting", "train_s": "train s",
-          "peak_mb": "peak MB", "val_acc": "val ACC %"}
+          "peak_mb": "peak MB", "val_acc": "val ACC %", "memory_rows": "memory rows"}
 PERCENT = ("acc", "bwt", "fwt", "forgetting", "val_acc")
 
 
 # ------------------------------------------------------------------------------------------------ methods
 
 def ensure_methods(names: Sequence[str]) -> None:
-    """Check every name is a registered method; ``a+b`` composes registered methods into a hybrid on the fly
-    (``ewc+er`` = ``Compose(EWC, ER)`` with both methods' hyper-parameters)."""
-    from retain.method import Compose, methods, register
+    """Check every name is a registered method or a hybrid ``a+b`` of them (the registry parses it)."""
+    from retain.method import method_class
 
-    registry = methods()
     for name in names:
-        if name in registry:
-            continue
-        parts = name.split("+")
-        if len(parts) < 2 or any(p not in registry for p in parts):
-            missing = [p for p in parts if p not in registry]
-            raise ConfigError(f"unknown method {missing[0] if missing else name!r}; choose from "
-                              f"{', '.join(registry)} (or join them with +, e.g. ewc+er)")
-        try:
-            hybrid = type(name.upper().replace("+", "_"), (Compose,), {"parts": tuple(registry[p] for p in parts)})
-        except TypeError as e:
-            raise ConfigError(f"cannot combine {name}: {e}") from None
-        hybrid.__doc__ = f"{' + '.join(parts)} together (composed on the fly)."
-        register(name)(hybrid)
+        method_class(name)
 
 
 def available(names: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -64,49 +55,6 @@ def available(names: Sequence[str]) -> tuple[list[str], list[str]]:
 
     registry = methods()
     return [n for n in names if n in registry], [n for n in names if n not in registry]
-
-
-# --------------------------------------------------------------------------------------------------- jobs
-
-@dataclass
-class Job:
-    """One run to do: a resolved configuration, optionally restricted to one task trained alone."""
-
-    config: Any  # retain.api.RunConfig (resolved)
-    alone: int | None = None  # train only this task (task difficulty), else the whole sequence
-    label: str = ""
-
-    @property
-    def spec(self) -> dict[str, Any]:
-        d = self.config.to_dict()
-        if self.alone is not None:
-            d["alone"] = self.alone
-        return d
-
-    @property
-    def hash(self) -> str:
-        return spec_hash(self.spec)
-
-
-def spec_hash(spec: dict[str, Any]) -> str:
-    return config_hash(spec)
-
-
-def make_job(base: Any, label: str = "", alone: int | None = None, **fields: Any) -> Job:
-    """A job from a base :class:`RunConfig` with ``fields`` replaced, resolved now (bad input fails here,
-    before anything runs)."""
-    if "method" in fields:
-        ensure_methods([fields["method"]])
-    cfg = dataclasses.replace(base, params=dict(fields.pop("params", base.params)), **fields).resolved()
-    return Job(cfg, alone, label or f"{cfg.method} s{cfg.seed}")
-
-
-def only_task(scenario: Any, j: int) -> Any:
-    """The scenario reduced to its task ``j`` (the same outputs and mode): to measure how hard a task is alone."""
-    tp = scenario.transform_params
-    return dataclasses.replace(scenario, tasks=[scenario.tasks[j]], label_map=scenario.label_map[[j]],
-                               task_out=scenario.task_out[[j]],
-                               transform_params=tp[[j]] if tp is not None else None)
 
 
 # ---------------------------------------------------------------------------------------------- progress
@@ -156,17 +104,17 @@ class Overall:
 
 # ------------------------------------------------------------------------------------------------- running
 
-def checkpoint_dir(store: Store) -> Path:
-    """Checkpoints of unfinished runs live beside the store: ``retain.db`` -> ``retain.db.checkpoints/``."""
-    return store.path.with_name(store.path.name + ".checkpoints")
-
-
 def run_jobs(jobs: Sequence[Job], store: Store, executor: Executor | None = None, *, force: bool = False,
              experiment: str | None = None, quiet: bool = False, checkpoint_every: int | None = None,
-             label: str = "", notify: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+             label: str = "", notify: Callable[[str], None] | None = None, threads: int = 1,
+             progress: Any = None, notify_failures: bool = True) -> list[dict[str, Any]]:
     """Run every job not already done (by config hash) and return their store records, in job order.
 
     Failed runs are recorded with their reason and do not stop the others. Jobs with the same hash run once.
+    Unfinished runs continue from their checkpoints (beside the store); ``force`` reruns everything from scratch.
+    ``threads``: torch threads per run (1 in pools; the CLI's single ``retain run --store`` uses the machine's).
+    ``progress``: an object with ``report(index, task, step, n, loss)``, ``finished(index, ok)``, ``close()``
+    and ``labels`` (default: the overall bar on stderr).
     """
     executor = executor or InProcess()
     hashes = [j.hash for j in jobs]
@@ -181,27 +129,40 @@ def run_jobs(jobs: Sequence[Job], store: Store, executor: Executor | None = None
     skipped = len(set(hashes)) - len(todo)
     if skipped and notify:
         notify(f"{skipped} run(s) already in the store {store.path} are reused (use --force to rerun)")
-    bar = Overall(len(todo), label, enabled=not quiet)
+    bar = progress or Overall(len(todo), label, enabled=not quiet)
     for i, job in todo.values():
         bar.labels[i] = job.label
     # Unfinished runs continue from their checkpoints; --force means from scratch.
     options = {"checkpoint_dir": str(checkpoint_dir(store)), "checkpoint_every": checkpoint_every,
-               "resume": not force}
+               "resume": not force, "threads": threads}
     by_index = {i: (h, job) for h, (i, job) in todo.items()}
+    exit_codes: dict[str, int] = {}  # of the runs that failed now: 2 bad input (missing data...), 1 a fault
     try:
         for index, outcome in executor.map([(i, job.spec) for i, (h, job) in sorted(by_index.items())], options,
                                            bar.report):
             h, job = by_index[index]
+            if outcome.get("resumed_from") and notify:
+                p = outcome["resumed_from"]
+                notify(f"run {job.label} resumed from its checkpoint at task {p['task']}, step {p['task_step']}")
             if outcome["status"] == "done":
                 store.finish(h, job.spec, outcome["result"])
             else:
                 store.fail(h, job.spec, outcome["reason"], outcome.get("task"), outcome.get("step"))
-                if notify:
+                exit_codes[h] = outcome.get("exit_code", 1)
+                if notify and notify_failures:
                     notify(f"run {job.label} failed: {outcome['reason']}")
             bar.finished(index, outcome["status"] == "done")
+    except KeyboardInterrupt:
+        for h, (_, job) in todo.items():  # the ones still running: a checkpoint holds their progress
+            rec = store.get(h)
+            if rec is not None and rec["status"] == "running":
+                store.fail(h, job.spec, "interrupted; start the same command again to continue from its checkpoint")
+        raise
     finally:
         bar.close()
     records = {h: store.get(h) for h in dict.fromkeys(hashes)}
+    for h, code in exit_codes.items():
+        records[h]["exit_code"] = code
     return [records[h] for h in hashes]
 
 
@@ -225,6 +186,7 @@ def record_values(rec: dict[str, Any]) -> dict[str, float]:
     out = {k: m.get(k, math.nan) for k in ("acc", "bwt", "fwt", "forgetting")}
     out["train_s"] = (rec.get("timings") or {}).get("train_s", math.nan)
     out["peak_mb"] = rec.get("peak_memory_mb") or math.nan
+    out["memory_rows"] = float((rec.get("memory") or {}).get("rows", math.nan))
     if rec.get("val_matrix"):
         V = np.asarray(rec["val_matrix"], dtype=float)
         out["val_acc"] = float(np.nanmean(V[-1]))
@@ -276,6 +238,8 @@ def format_table(rows: list[dict[str, Any]], keys: Sequence[str], metrics: Seque
     best: dict[tuple[Any, str], float] = {}
     if mark_best:
         for m in metrics:
+            if m == "memory_rows":  # a size, not a score
+                continue
             for row in rows:
                 g = row.get(within) if within else None
                 v = row[m][0]
@@ -296,7 +260,7 @@ def format_table(rows: list[dict[str, Any]], keys: Sequence[str], metrics: Seque
                 cells.append("—")
                 continue
             scale = 100 if m in PERCENT else 1
-            digits = 2 if m in PERCENT else (1 if m == "peak_mb" else 2)
+            digits = 2 if m in PERCENT else {"peak_mb": 1, "memory_rows": 0}.get(m, 2)
             text = f"{mean * scale:.{digits}f}" + (f" {pm.split()[0]} {spread * scale:.{digits}f}" if n > 1 else "")
             g = row.get(within) if within else None
             if mark_best and best.get((g, m)) == mean and len(rows) > 1:
@@ -327,16 +291,14 @@ def compare_jobs(base: Any, methods: Sequence[str], seeds: Sequence[int], modes:
                  params: dict[str, dict[str, Any]] | None = None) -> list[Job]:
     """methods × modes × seeds. A method that does not support a mode is left out of that mode with a note.
     ``params``: extra hyper-parameters per method name (over ``base.params``, which every method gets)."""
-    from retain.method import methods as registry
+    from retain.method import method_class
 
-    ensure_methods(methods)
-    reg = registry()
     jobs = []
     for mode in modes:
         for name in methods:
-            cls_modes = reg[name].modes if isinstance(reg[name].modes, tuple) else ("task", "domain", "class")
-            resolved_mode = mode or base.resolved().mode
-            if resolved_mode not in cls_modes:
+            cls = method_class(name)
+            resolved_mode = mode or _benchmark_mode(base)
+            if resolved_mode not in cls.modes:
                 if notify:
                     notify(f"{name} does not support {resolved_mode}-IL; left out of that mode")
                 continue
@@ -345,6 +307,13 @@ def compare_jobs(base: Any, methods: Sequence[str], seeds: Sequence[int], modes:
                 jobs.append(make_job(base, f"{name} {resolved_mode} s{seed}", method=name, mode=mode, seed=seed,
                                      params=p))
     return jobs
+
+
+def _benchmark_mode(base: Any) -> str:
+    """The mode a run of ``base`` gets when it names none: the benchmark's."""
+    from retain import benchmarks
+
+    return base.mode or benchmarks.get(base.benchmark).mode
 
 
 def compare_table(records: list[dict[str, Any]], interval: str = "std") -> str:
@@ -356,7 +325,7 @@ def compare_table(records: list[dict[str, Any]], interval: str = "std") -> str:
 
 def difficulty_jobs(base: Any, seeds: Sequence[int]) -> list[Job]:
     """Each task trained alone (fine-tuning, the same budget) on a fresh model: its accuracy = its ease."""
-    n = base.resolved().n_tasks
+    n = make_job(base, method="finetune", params={}).config.n_tasks
     return [make_job(base, f"task {j} alone s{s}", alone=j, method="finetune", params={}, seed=s, task_order=None)
             for j in range(n) for s in seeds]
 
@@ -438,9 +407,8 @@ def orders_report(records: list[dict[str, Any]], orders: dict[str, list[int]], e
 
 # -------------------------------------------------------------------------------------------------- sweeps
 
-RUN_FIELDS = ("benchmark", "mode", "n_tasks", "arch", "hidden", "epochs", "iterations", "batch_size", "optimizer",
-              "lr", "momentum", "reset_optimizer", "all_outputs", "pad", "device", "task_free", "blurry", "class_order",
-              "task_order", "data_dir", "download")
+# Run options a sweep file may set or grid over: every option of the schema but the ones a sweep names itself.
+RUN_FIELDS = tuple(k for k in OPTIONS if k not in ("method", "params", "seed", "val_fraction"))
 SWEEP_KEYS = ("name", "seeds", "val_fraction", "select", "search", "samples", "random_seed", "methods", "modes",
               *RUN_FIELDS)
 
@@ -475,28 +443,13 @@ def _grid_values(where: str, key: str, value: Any) -> list[Any] | dict[str, Any]
     return values
 
 
-_INT_FIELDS = ("n_tasks", "epochs", "iterations", "batch_size", "pad")
-_FLOAT_FIELDS = ("lr", "momentum", "blurry")
-_BOOL_FIELDS = ("task_free", "download", "reset_optimizer", "all_outputs")
-_LIST_FIELDS = ("hidden", "class_order", "task_order")
-
-
-def _check_field(where: str, key: str, values: list[Any] | dict[str, Any]) -> None:
-    """Each value of run field ``key`` has the field's type (a range only for numeric fields)."""
+def _check_field(where: str, key: str, values: list[Any] | dict[str, Any]) -> list[Any] | dict[str, Any]:
+    """Each value of run option ``key`` as the schema's type (a range only for numeric options)."""
     if isinstance(values, dict):
-        if key not in _INT_FIELDS + _FLOAT_FIELDS:
+        if OPTIONS[key].kind not in ("int", "float"):
             raise ConfigError(f"{where}: {key} takes a list of values, not a range")
-        return
-    for v in values:
-        if v is None:
-            continue
-        number = isinstance(v, (int, float)) and not isinstance(v, bool)
-        ok = (isinstance(v, int) and not isinstance(v, bool) if key in _INT_FIELDS else
-              number and math.isfinite(v) if key in _FLOAT_FIELDS else
-              isinstance(v, bool) if key in _BOOL_FIELDS else
-              _flat_ints(v) or isinstance(v, str) if key in _LIST_FIELDS else isinstance(v, str))
-        if not ok:
-            raise ConfigError(f"{where}: {key} has a value of the wrong type: {v!r}")
+        return values
+    return [coerce(key, v, where) for v in values]
 
 
 def parse_sweep(data: dict[str, Any], path: str, base: Any) -> Sweep:
@@ -523,24 +476,17 @@ def parse_sweep(data: dict[str, Any], path: str, base: Any) -> Sweep:
     for k in RUN_FIELDS:
         if k not in data:
             continue
-        listy = k in ("hidden", "class_order", "task_order")  # a flat list of ints is one value here
-        if (listy and _flat_ints(data[k])) or (not listy and not isinstance(data[k], (list, dict))):
-            fixed[k] = data[k]
-            _check_field(path, k, [data[k]])
+        listy = OPTIONS[k].kind in ("ints", "floats2")  # a flat list of numbers is one value here
+        if (listy and _flat_numbers(data[k])) or (not listy and not isinstance(data[k], (list, dict))):
+            fixed[k] = _check_field(path, k, [data[k]])[0]
         else:
-            grid_run[k] = _grid_values(path, k, data[k])
-            _check_field(path, k, grid_run[k])
+            grid_run[k] = _check_field(path, k, _grid_values(path, k, data[k]))
     if "mode" in grid_run:
         raise ConfigError(f"{path}: give several modes as modes = [...], not a list under mode")
     modes = data.get("modes", [fixed.pop("mode", None)])
     if not isinstance(modes, list) or not modes:
         raise ConfigError(f"{path}: modes must be a list like [\"task\", \"class\"]")
-    try:
-        if "hidden" in fixed and isinstance(fixed["hidden"], list):
-            fixed["hidden"] = tuple(fixed["hidden"])
-        base = dataclasses.replace(base, val_fraction=float(val), **fixed)
-    except TypeError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    base = dataclasses.replace(base, val_fraction=float(val), **fixed)
     methods = data.get("methods")
     if not isinstance(methods, list) or not methods:
         raise ConfigError(f"{path}: methods must be a list of tables, e.g. [[methods]] name = \"ewc\" "
@@ -565,8 +511,7 @@ def parse_sweep(data: dict[str, Any], path: str, base: Any) -> Sweep:
         for k, v in (m.get("train") or {}).items():
             if k not in RUN_FIELDS or k == "mode":
                 raise ConfigError(f"{where}: unknown training option {k!r}; valid: {', '.join(RUN_FIELDS)}")
-            train[k] = _grid_values(where, k, v)
-            _check_field(where, k, train[k])
+            train[k] = _check_field(where, k, _grid_values(where, k, v))
         space = {**{("p", k): v for k, v in params.items()}, **{("t", k): v for k, v in train.items()}}
         keys = list(space)
         if search == "grid":
@@ -582,8 +527,8 @@ def parse_sweep(data: dict[str, Any], path: str, base: Any) -> Sweep:
     return Sweep(str(name), base, candidates, seeds, modes, select, search)
 
 
-def _flat_ints(v: Any) -> bool:
-    return isinstance(v, list) and all(isinstance(x, int) for x in v)
+def _flat_numbers(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
 
 
 def _draw(space: list[Any] | dict[str, Any], rng: np.random.Generator) -> Any:
@@ -602,8 +547,6 @@ def sweep_jobs(sweep: Sweep) -> list[tuple[int, Job]]:
         for mode in sweep.modes:
             for seed in sweep.seeds:
                 fields = dict(train)
-                if "hidden" in fields and isinstance(fields["hidden"], list):
-                    fields["hidden"] = tuple(fields["hidden"])
                 label = f"{method} {_describe(params, train)} s{seed}"
                 out.append((ci, make_job(sweep.base, label, method=method, params=params, mode=mode, seed=seed,
                                          **fields)))
@@ -614,15 +557,14 @@ def _describe(params: dict[str, Any], train: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in {**params, **train}.items()) or "defaults"
 
 
-MEMORY_HINTS = ("buffer", "memory", "mem_size", "n_memories", "samples_per")
-
-
-def memory_of(method: str, params: dict[str, Any], peak_mb: float) -> tuple[float, str]:
-    """The memory axis of the Pareto front: stored samples when the method has a buffer size, else peak MB."""
-    for k, v in params.items():
-        if any(h in k for h in MEMORY_HINTS) and isinstance(v, (int, float)) and not isinstance(v, bool):
-            return float(v), k
-    return peak_mb, "peak MB"
+def memory_of(record: dict[str, Any], peak_mb: float | None = None) -> tuple[float, str]:
+    """The memory axis of the accuracy-vs-memory front: the rows of samples the method reported keeping
+    (``Method.memory``, stored in the record); the peak MB (``peak_mb``, else the record's) for records without
+    it (older stores) or for methods without a sample memory."""
+    rows = (record.get("memory") or {}).get("rows")
+    if rows:
+        return float(rows), "rows"
+    return (peak_mb if peak_mb is not None else record.get("peak_memory_mb")) or math.nan, "peak MB"
 
 
 def choose(sweep: Sweep, pairs: list[tuple[int, Job]], records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -636,6 +578,7 @@ def choose(sweep: Sweep, pairs: list[tuple[int, Job]], records: list[dict[str, A
                                    "params": sweep.candidates[ci][1], "train": sweep.candidates[ci][2],
                                    "val": [], "test": [], "failed": 0, "hashes": []})
         c["hashes"].append(rec["hash"])
+        c.setdefault("records", []).append(rec)
         if rec["status"] != "done":
             c["failed"] += 1
             continue
@@ -651,7 +594,8 @@ def choose(sweep: Sweep, pairs: list[tuple[int, Job]], records: list[dict[str, A
         c["val_score"] = float(np.mean(c["val"])) if ok else math.nan
         for m in ("acc", "forgetting", "bwt", "train_s", "peak_mb"):
             c[m] = aggregate([v[m] for v in c["test"]]) if c["test"] else (math.nan, math.nan, 0)
-        c["memory"], c["memory_kind"] = memory_of(c["method"], c["params"], c["peak_mb"][0])
+        done = [r for r in c.pop("records") if r["status"] == "done"]
+        c["memory"], c["memory_kind"] = memory_of(done[0], c["peak_mb"][0]) if done else (math.nan, "peak MB")
         rows.append(c)
     best: dict[tuple[str, Any], dict[str, Any]] = {}
     for c in rows:

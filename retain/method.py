@@ -15,7 +15,7 @@ hook                                   contract
 ``after_update(ctx, batch, out)``      after the step: bookkeeping (path integrals, buffer insertion, ...)
 ``end_task(ctx)``                      after a task, before evaluation: consolidation, memory selection
 ``forward(ctx, x, t) -> Tensor``       raw outputs, in training and evaluation alike; accepts unseen tasks
-``observe(ctx, batch) -> Tensor``      the whole step; override only when the step itself differs (MER, OML)
+``observe(ctx, batch) -> Tensor``      the whole step; override only when the step itself differs (MER, MAML)
 =====================================  =====================================================================
 
 Class attributes: ``modes`` (the scenario modes supported), ``needs_boundaries`` (True if the method cannot run
@@ -117,14 +117,19 @@ class Method:
         """What the optimizer trains (a method that adds modules of its own, e.g. a generator, extends this)."""
         return [p for p in model.parameters() if p.requires_grad]
 
-    def memory_estimate(self, scenario: Any) -> int:
-        """Bytes this method will hold beyond the model (replay buffers, episodic memories) on ``scenario``.
+    def memory(self, scenario: Any) -> Memory:
+        """The stored samples this method keeps at most on ``scenario`` with its hyper-parameters (not a hook).
 
-        Not a hook: the trainer compares it with the memory available and refuses, before any training, a run
-        whose memory cannot fit (``buffer_size=10**12``). A method with a buffer reports it (see
-        :func:`row_bytes`); the default, 0, is right for methods whose state is the size of the model.
+        ``rows``: a replay buffer's capacity, ``per_class`` x the scenario's classes, memories per task x tasks...;
+        ``bytes``: what those rows take beyond the model (:func:`row_bytes` each). The trainer refuses, before any
+        training, a run whose memory cannot fit (``buffer_size=10**12``); the result record and the report's
+        accuracy-versus-memory plot carry it. The default, none, is right for methods that keep no samples (their
+        state is the size of the model: Fisher, Ω, masks, frozen copies, generators).
         """
-        return 0
+        return Memory(0, 0)
+
+    def memory_estimate(self, scenario: Any) -> int:  # TEMPORARY (helper "methods"): until trainer.py calls memory()
+        return self.memory(scenario).bytes
 
     # --------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -136,17 +141,37 @@ class Method:
         vars(self).update(state)
 
 
+@dataclasses.dataclass(frozen=True)
+class Memory:
+    """What a method keeps of the data: at most ``rows`` stored samples, taking ``bytes`` beyond the model."""
+
+    rows: int
+    bytes: int
+
+    def __add__(self, other: Memory) -> Memory:
+        return Memory(self.rows + other.rows, self.bytes + other.bytes)
+
+    def to_dict(self) -> dict[str, int]:
+        return {"rows": self.rows, "bytes": self.bytes}
+
+    @staticmethod
+    def of(rows: int, scenario: Any, logits: bool = False) -> Memory:
+        """``rows`` stored rows of ``scenario``, each :func:`row_bytes` long."""
+        return Memory(int(rows), int(rows) * row_bytes(scenario, logits))
+
+
 def public_name(field_name: str) -> str:
     return field_name.rstrip("_")
 
 
 def row_bytes(scenario: Any, logits: bool = False) -> int:
-    """Bytes of one stored replay row of ``scenario``: the prepared input (float32), target, task id, key and
-    priority (int64 each), and the ``logits`` (float32 per output) when the method keeps them."""
+    """Bytes of one stored row of ``scenario`` in a :class:`retain.buffers.Buffer`: the prepared input (float32),
+    target, task id and key (int64 each), priority (float32), and the ``logits`` (float32 per output) when the
+    method keeps them."""
     n_inputs = 1
     for d in scenario.input_shape:
         n_inputs *= int(d)
-    return 4 * n_inputs + 4 * 8 + (4 * int(scenario.n_outputs) if logits else 0)
+    return 4 * n_inputs + 3 * 8 + 4 + (4 * int(scenario.n_outputs) if logits else 0)
 
 
 # --------------------------------------------------------------------------------------------------- Compose
@@ -244,8 +269,8 @@ class Compose(Method):
     def params(self) -> dict[str, Any]:
         return {k: v for m in self.methods for k, v in m.params().items()}
 
-    def memory_estimate(self, scenario: Any) -> int:
-        return sum(m.memory_estimate(scenario) for m in self.methods)
+    def memory(self, scenario: Any) -> Memory:
+        return sum((m.memory(scenario) for m in self.methods), Memory(0, 0))
 
     def parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
         seen, out = set(), []
@@ -286,7 +311,8 @@ _loaded = False
 
 
 def methods() -> dict[str, type[Method]]:
-    """Every registered method (importing each module of :mod:`retain.methods` once)."""
+    """Every registered method (importing each module of :mod:`retain.methods` once). Hybrids ``a+b`` are not
+    listed: :func:`method_class` builds them on demand from any registered methods."""
     global _loaded
     if not _loaded:
         import retain.methods as pkg
@@ -294,7 +320,54 @@ def methods() -> dict[str, type[Method]]:
         for info in pkgutil.iter_modules(pkg.__path__):
             importlib.import_module(f"retain.methods.{info.name}")
         _loaded = True
-    return dict(sorted(REGISTRY.items()))
+    return dict(sorted((k, v) for k, v in REGISTRY.items() if "+" not in k))
+
+
+# Names that were registered once and now mean something else, with the hint the unknown-name error gives.
+RENAMED = {"oml": "renamed maml_replay: it is the course chapter's MAML-style online meta-learning, not Javed & "
+                  "White's OML"}
+
+
+def method_class(name: str) -> type[Method]:
+    """The class registered as ``name``; ``a+b`` (any registered methods joined with ``+``) is a hybrid built on
+    demand: ``Compose`` of the parts in order, with every part's hyper-parameters (``ewc+er`` = EWC then ER)."""
+    registry = methods()
+    if name in registry:
+        return registry[name]
+    if name in REGISTRY:  # a hybrid built before
+        return REGISTRY[name]
+    parts = [p.strip() for p in str(name).split("+")]
+    missing = [p for p in parts if p not in registry]
+    if missing or len(parts) < 2:
+        bad = missing[0] if missing else name
+        hint = f" ({RENAMED[bad]})" if bad in RENAMED else ""  # e.g. "unknown method 'oml' (renamed ...)"
+        raise ConfigError(f"unknown method {bad!r}{hint}; choose one of {', '.join(registry)} (or join them with "
+                          "+, e.g. ewc+er)")
+    try:
+        hybrid = type(name.upper().replace("+", "_"), (Compose,), {"parts": tuple(registry[p] for p in parts)})
+    except TypeError as e:
+        raise ConfigError(f"cannot combine {name}: {e}") from None
+    hybrid.__doc__ = f"{' + '.join(parts)} together (composed on the fly)."
+    presets: dict[str, dict[str, Any]] = {}  # each part's tuned values for a benchmark/mode apply to the hybrid
+    for p in parts:
+        for key, values in registry[p].presets.items():
+            presets.setdefault(key, {}).update(values)
+    hybrid.presets = presets
+    return register(name)(hybrid)
+
+
+def check_pairing(method: Method, mode: str, task_free: bool = False, all_outputs: bool = False) -> None:
+    """Refuse a method in a mode it does not support, on a task-free stream when it needs boundaries, and
+    ``all_outputs`` outside class-IL (it changes only the class-IL training mask; elsewhere it would be ignored)."""
+    if mode not in method.modes:
+        raise ConfigError(f"{method.name} does not support {mode}-IL; it supports "
+                          f"{', '.join(method.modes)} (use --mode {method.modes[0]})")
+    if task_free and method.needs_boundaries:
+        raise ConfigError(f"{method.name} needs task boundaries and cannot run on a task-free stream; "
+                          "drop --task-free or pick a method that works without boundaries")
+    if all_outputs and mode != "class":
+        raise ConfigError(f"all_outputs (--all-outputs) is for class-IL: in {mode}-IL the training outputs are "
+                          f"fixed by the mode; drop it or use --mode class")
 
 
 def _field_names(cls: type[Method]) -> list[str]:
@@ -359,15 +432,13 @@ def _coerce(method: str, name: str, typ: Any, value: Any, choices: Any) -> Any:
 
 
 def create(name: str, params: dict[str, Any] | None = None, preset: str | None = None) -> Method:
-    """Instantiate method ``name`` with ``params`` (strings are converted to the field types).
+    """Instantiate method ``name`` (or a hybrid ``a+b``, see :func:`method_class`) with ``params`` (strings are
+    converted to the field types).
 
     ``preset`` (``"benchmark/mode"``) applies the method's tuned values first; explicit ``params`` win.
     Unknown names, unknown parameters and wrong types raise :class:`ConfigError` listing the valid choices.
     """
-    registry = methods()
-    if name not in registry:
-        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(registry)}")
-    cls = registry[name]
+    cls = method_class(name)
     spec = {h[0]: h for h in hyperparameters(cls)}
     values = dict(cls.presets.get(preset, {})) if preset else {}
     values.update(params or {})

@@ -24,16 +24,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from retain.config import hashed
 from retain.errors import ConfigError, RetainError
 
 DEFAULT_PATH = "retain.db"
 STATUSES = ("running", "done", "failed")
 
-# Fields of a run configuration that say where the data is, not what the run is: left out of the hash.
-_NOT_HASHED = ("data_dir", "download")
-# Fields added after stores had been written: left out of the hash at their default, so a store's earlier runs
-# keep their hashes (and are still recognised as done).
-_HASHED_UNLESS_DEFAULT = {"all_outputs": False}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -44,6 +40,7 @@ CREATE TABLE IF NOT EXISTS runs (
     accuracy_matrix TEXT, baseline TEXT, val_matrix TEXT, metrics TEXT, timings TEXT, versions TEXT,
     warnings TEXT,
     peak_memory_mb REAL,
+    memory TEXT,                    -- JSON: the method's sample memory {"rows", "bytes"}
     error TEXT, error_task INTEGER, error_step INTEGER,
     host TEXT, pid INTEGER,
     created REAL NOT NULL, started REAL, finished REAL
@@ -57,7 +54,10 @@ CREATE TABLE IF NOT EXISTS experiment_runs (
 CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
 """
 
-_JSON_COLUMNS = ("config", "accuracy_matrix", "baseline", "val_matrix", "metrics", "timings", "versions", "warnings")
+_JSON_COLUMNS = ("config", "accuracy_matrix", "baseline", "val_matrix", "metrics", "timings", "versions", "warnings",
+                 "memory")
+# Columns added after stores had been written: added to an older store when it is opened for writing.
+_ADDED_COLUMNS = {"memory": "TEXT"}
 
 
 class StoreError(RetainError):
@@ -86,13 +86,13 @@ def _restore_nan(obj: Any) -> Any:
 
 
 def config_hash(config: dict[str, Any]) -> str:
-    """A stable hash of a run's configuration: sorted-key JSON, floats by ``repr``, data location left out.
+    """A stable hash of a run's configuration: sorted-key JSON, floats by ``repr``, over the options the schema
+    hashes (:func:`retain.config.hashed`: the data location is left out, and options added after stores were
+    written are left out at their default, so earlier runs keep their hashes).
 
     Two configurations that train the same thing hash alike whatever the order their keys were given in.
     """
-    clean = {k: v for k, v in config.items() if k not in _NOT_HASHED
-             and not (k in _HASHED_UNLESS_DEFAULT and v is _HASHED_UNLESS_DEFAULT[k])}
-    text = json.dumps(_clean(clean), sort_keys=True, separators=(",", ":"), default=str)
+    text = json.dumps(_clean(hashed(config)), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -134,6 +134,10 @@ class Store:
                 self.db.execute("PRAGMA journal_mode=WAL").fetchone()
                 self.db.execute("PRAGMA synchronous=NORMAL")
                 self.db.executescript(_SCHEMA)
+                have = {r[1] for r in self.db.execute("PRAGMA table_info(runs)")}
+                for col, typ in _ADDED_COLUMNS.items():
+                    if col not in have:
+                        self.db.execute(f"ALTER TABLE runs ADD COLUMN {col} {typ}")
             self.db.execute("SELECT count(*) FROM runs").fetchone()
         except sqlite3.DatabaseError as e:
             raise self._error(e, "open") from None
@@ -232,18 +236,19 @@ class Store:
         j = lambda k: json.dumps(_clean(result[k])) if result.get(k) is not None else None  # noqa: E731
         row = (status, config.get("benchmark"), config.get("method"), config.get("mode"), config.get("seed"),
                json.dumps(_clean(config), sort_keys=True), j("accuracy_matrix"), j("baseline"), j("val_matrix"),
-               j("metrics"), j("timings"), j("versions"), j("warnings"), result.get("peak_memory_mb"),
+               j("metrics"), j("timings"), j("versions"), j("warnings"), result.get("peak_memory_mb"), j("memory"),
                *(error or (None, None, None)), socket.gethostname(), os.getpid(), now, now)
         with self._write(f"record run {hash_}") as db:
             db.execute(
                 "INSERT INTO runs(status, benchmark, method, mode, seed, config, accuracy_matrix, baseline, "
-                "val_matrix, metrics, timings, versions, warnings, peak_memory_mb, error, error_task, error_step, "
-                "host, pid, created, finished, hash) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                "val_matrix, metrics, timings, versions, warnings, peak_memory_mb, memory, error, error_task, "
+                f"error_step, host, pid, created, finished, hash) VALUES ({', '.join('?' * 23)}) "
                 "ON CONFLICT(hash) DO UPDATE SET status=excluded.status, benchmark=excluded.benchmark, "
                 "method=excluded.method, mode=excluded.mode, seed=excluded.seed, config=excluded.config, "
                 "accuracy_matrix=excluded.accuracy_matrix, baseline=excluded.baseline, "
                 "val_matrix=excluded.val_matrix, metrics=excluded.metrics, timings=excluded.timings, "
                 "versions=excluded.versions, warnings=excluded.warnings, peak_memory_mb=excluded.peak_memory_mb, "
+                "memory=excluded.memory, "
                 "error=excluded.error, error_task=excluded.error_task, error_step=excluded.error_step, "
                 "host=excluded.host, pid=excluded.pid, finished=excluded.finished",
                 (*row, hash_))

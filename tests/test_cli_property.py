@@ -169,7 +169,7 @@ sweeps = st.dictionaries(st.sampled_from(SWEEP_KEYS) | garbage, grid, max_size=4
 
 def test_random_sweep_files_give_a_plan_or_a_clean_exit_2(tmp_path, no_training, monkeypatch):
     """``retain sweep FILE`` end to end, with the runs themselves replaced by failed records (nothing trains)."""
-    from retain import experiments_cli
+    from retain.cli import lab
 
     planned = []
 
@@ -178,7 +178,7 @@ def test_random_sweep_files_give_a_plan_or_a_clean_exit_2(tmp_path, no_training,
         return [{"hash": j.hash, "status": "failed", "error": "not run", "error_step": None, "config": j.spec}
                 for j in jobs]
 
-    monkeypatch.setattr(experiments_cli, "_run", fake_run)
+    monkeypatch.setattr(lab, "_run", fake_run)
     counts = {"valid": 0, "refused": 0}
 
     @settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
@@ -194,8 +194,9 @@ def test_random_sweep_files_give_a_plan_or_a_clean_exit_2(tmp_path, no_training,
         code, out, err = _outcome(["sweep", str(path), "--store", str(tmp_path / "s.db"), "--quiet", "--workers",
                                    "1"])
         assert "Traceback" not in err, err
-        if code == 0:
+        if code == 1:  # a valid plan whose every (fake) run failed: exit 1, said in one line
             assert "Sweep" in out and planned and planned[-1] > 0
+            assert err.strip().splitlines()[-1] == f"retain: error: all {planned[-1]} run(s) failed", err
             counts["valid"] += 1
         else:
             assert code == 2, (code, err)

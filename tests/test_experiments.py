@@ -55,9 +55,9 @@ def test_compare_default_is_the_classic_comparison(monkeypatch, tmp_path):
         seen["benchmark"] = {j.config.benchmark for j in jobs}
         return []
 
-    from retain import experiments_cli
+    from retain.cli import lab
 
-    monkeypatch.setattr(experiments_cli, "_run", fake)
+    monkeypatch.setattr(lab, "_run", fake)
     monkeypatch.chdir(tmp_path)
     assert main(["compare", "--quiet"]) == 0
     available, _ = ex.available(ex.CLASSIC)

@@ -67,8 +67,8 @@ def _retain(*args: str) -> list[str]:
     (["--method", "er", "--param", "buffer_size=many"], "er: parameter buffer_size must be int"),
     (["--method", "pnn", "--mode", "class"], "pnn does not support class-IL; it supports task"),
     (["--method", "er", "--param", "selection=herding", "--task-free"], "needs task boundaries"),
-    (["--momentum", "nan"], "momentum and weight decay must be finite"),
-    (["--batch-size", "0"], "batch size must be at least 1"),
+    (["--momentum", "nan"], "momentum (--momentum) expects a finite number"),
+    (["--batch-size", "0"], "batch_size must be at least 1"),
     (["--seed", "-1"], "seed must be in 0.."),
     (["--val-fraction", "1"], "val_fraction must be in [0, 1)"),
     (["--blurry", "1.5"], "blurry must be in [0, 1)"),
@@ -76,7 +76,7 @@ def _retain(*args: str) -> list[str]:
     (["--task-order", "0,0"], "task_order must be a permutation of 0..1"),
     (["--device", "meta"], "cannot train"),
     (["--checkpoint-every", "0"], "--checkpoint-every must be at least 1"),
-    (["--epochs", "two"], "argument --epochs: invalid int value"),
+    (["--seed", "two"], "seed (--seed) expects a whole number"),
 ])
 def test_out_of_range_and_unsupported_values_exit_2_before_training(args, message, capsys, monkeypatch):
     from retain import api
@@ -94,10 +94,10 @@ def test_out_of_range_and_unsupported_values_exit_2_before_training(args, messag
     ("bad.yaml", "epochs: [1, 2\nmethod: er", "is not valid YAML"),
     ("bad.yaml", "- 1\n- 2\n", "the top level must be a mapping"),
     ("bad.toml", "epochz = 1", "unknown option 'epochz'"),
-    ("bad.toml", 'epochs = "many"', "argument --epochs: invalid int value"),
+    ("bad.toml", 'epochs = "many"', "epochs (--epochs) expects a whole number"),
     ("bad.toml", "quiet = 3", "must be true or false"),
     ("bad.toml", "params = 5", "params must be a mapping"),
-    ("bad.toml", "hidden = [[1, 2]]", "a list of plain values expected"),
+    ("bad.toml", "hidden = [[1, 2]]", "hidden (--hidden) expects comma-separated positive integers"),
     ("bad.toml", "[params]\nlambda = 1", "finetune: unknown parameter 'lambda'"),
     ("bad.toml", 'method = "pnn"\nmode = "class"', "pnn does not support class-IL"),
     ("bad.ini", "epochs = 1", "unknown type '.ini'"),
@@ -361,7 +361,7 @@ def test_sigint_checkpoints_and_exits_130_then_resume_under_a_full_disk_then_res
     proc.send_signal(signal.SIGINT)
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 130, err
-    assert "interrupted; the checkpoint is saved: rerun the same command with --resume" in one_line(err)
+    assert "interrupted; the checkpoint is saved: rerun the same command to continue" in one_line(err)
     (ck,) = ckdir.glob("*.ckpt")
     saved = checkpoint.load(ck)["position"]
     assert saved["step"] > 0

@@ -1,7 +1,8 @@
 """The experiment commands: ``compare``, ``orders``, ``sweep``, ``reproduce``, ``report``, ``runs``, ``export``.
 
 :func:`register` adds them to the ``retain`` parser (see :mod:`retain.cli`). Every command takes ``--store``,
-``--quiet`` and the data options; bad input is refused before anything runs or is written.
+``--quiet`` and the data options; bad input is refused before anything runs or is written. Every run is a job
+(:mod:`retain.jobs`) resolved before the first one starts, and all go through :func:`retain.experiments.run_jobs`.
 """
 
 from __future__ import annotations
@@ -14,13 +15,17 @@ import math
 import sys
 from typing import Any
 
-from retain.cli import add_common_options, add_data_options, add_run_options, parse_params, run_config
+from retain.cli.options import (
+    add_common_options,
+    add_data_options,
+    add_run_options,
+    check_writable_file,
+    note,
+    run_values,
+    write_json_atomic,
+)
+from retain.config import RunConfig
 from retain.errors import ConfigError
-
-
-def note(message: str) -> None:
-    print(f"note: {message}", file=sys.stderr)
-
 
 # ------------------------------------------------------------------------------------------------ options
 
@@ -78,11 +83,11 @@ def _seeds(n: int | None, default: int) -> list[int]:
     return list(range(n))
 
 
-def _method_params(items: list[str] | None) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+def _method_params(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """``--param lambda=1`` (every method) and ``--param ewc.lambda=1`` (one method)."""
-    common: dict[str, str] = {}
-    per: dict[str, dict[str, str]] = {}
-    for key, value in parse_params(items).items():
+    common: dict[str, Any] = {}
+    per: dict[str, dict[str, Any]] = {}
+    for key, value in params.items():
         method, dot, name = key.partition(".")
         if dot:
             per.setdefault(method, {})[name] = value
@@ -91,11 +96,25 @@ def _method_params(items: list[str] | None) -> tuple[dict[str, str], dict[str, d
     return common, per
 
 
-def _failures(records: list[dict[str, Any]]) -> None:
-    for r in records:
-        if r and r["status"] == "failed":
-            where = f" (task {r['error_task']}, step {r['error_step']})" if r.get("error_step") is not None else ""
-            print(f"failed: {r['config'].get('method')} seed {r['config'].get('seed')}: {r['error']}{where}")
+def _failures(records: list[dict[str, Any]]) -> int:
+    """List the failed runs; the exit code: 0 unless every run failed (then 2 when each failed on bad input such
+    as missing data, else 1)."""
+    failed = [r for r in records if r and r["status"] == "failed"]
+    for r in failed:
+        where = f" (task {r['error_task']}, step {r['error_step']})" if r.get("error_step") is not None else ""
+        print(f"failed: {r['config'].get('method')} seed {r['config'].get('seed')}: {r['error']}{where}")
+    if not records or len(failed) < len(records):
+        return 0
+    print(f"retain: error: all {len(records)} run(s) failed", file=sys.stderr)
+    return 2 if all(r.get("exit_code") == 2 for r in failed) else 1
+
+
+def _base(args: argparse.Namespace) -> tuple[RunConfig, dict[str, str], dict[str, dict[str, str]]]:
+    """The run options every job of the command shares, and the ``--param`` values: for every method
+    (``--param lambda=1``) and for one (``--param ewc.lambda=1``)."""
+    values = run_values(args)
+    common, per = _method_params(values.pop("params", {}))
+    return RunConfig(**values), common, per
 
 
 def _run(args: argparse.Namespace, jobs: list, store: Any, experiment: str, label: str) -> list[dict[str, Any]]:
@@ -123,24 +142,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
         methods = _list(args.methods, "--methods")
         ex.ensure_methods(methods)
     modes = _list(args.modes, "--modes") if args.modes else [None]
-    common, per = _method_params(args.param)
+    base, common, per = _base(args)
     unknown = set(per) - set(methods)
     if unknown:
         raise ConfigError(f"--param for {', '.join(sorted(unknown))}, which is not in --methods")
-    args.param = [f"{k}={v}" for k, v in common.items()]
-    base = run_config(args, method="finetune")
-    base.params = {}
     seeds = _seeds(args.seeds, 3)
     jobs = ex.compare_jobs(base, methods, seeds, modes, note,
                            {m: {**common, **per.get(m, {})} for m in methods})
     store = open_store(args)
-    bench = jobs[0].config if jobs else base.resolved()
-    print(f"compare on {bench.benchmark}: {', '.join(methods)} x {len(seeds)} seed(s) x "
+    bench = jobs[0].config.benchmark if jobs else base.benchmark
+    print(f"compare on {bench}: {', '.join(methods)} x {len(seeds)} seed(s) x "
           f"{', '.join(sorted({j.config.mode for j in jobs})) or '-'}-IL; store {store.path}")
-    records = _run(args, jobs, store, args.name or f"compare {bench.benchmark}", "compare ")
+    records = _run(args, jobs, store, args.name or f"compare {bench}", "compare ")
     print(ex.compare_table(records, args.interval))
-    _failures(records)
-    return 0
+    return _failures(records)
 
 
 # ------------------------------------------------------------------------------------------------- orders
@@ -153,17 +168,15 @@ def cmd_orders(args: argparse.Namespace) -> int:
     ex.ensure_methods(methods)
     if args.random_orders < 0:
         raise ConfigError(f"--random-orders must be >= 0, got {args.random_orders}")
-    common, per = _method_params(args.param)
-    args.param = []
-    base = run_config(args, method="finetune")
-    base.params = {}
+    base, common, per = _base(args)
     seeds = _seeds(args.seeds, 1)
     for m in methods:  # every method's configuration checked before the difficulty runs start
         ex.make_job(base, method=m, params={**common, **per.get(m, {})})
     store = open_store(args)
     name = args.name or f"orders {base.benchmark}"
-    diff = _run(args, ex.difficulty_jobs(base, seeds), store, name, "difficulty ")
-    n = base.resolved().n_tasks
+    difficulty = ex.difficulty_jobs(base, seeds)
+    diff = _run(args, difficulty, store, name, "difficulty ")
+    n = len(difficulty) // len(seeds)
     ease = []
     for j in range(n):
         vals = [r["accuracy_matrix"][0][0] for r in diff
@@ -184,8 +197,7 @@ def cmd_orders(args: argparse.Namespace) -> int:
     records = _run(args, jobs, store, name, "orders ")
     text, _ = ex.orders_report(records, orders, ease)
     print(text)
-    _failures(records)
-    return 0
+    return _failures(records)
 
 
 # -------------------------------------------------------------------------------------------------- sweep
@@ -193,7 +205,6 @@ def cmd_orders(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from retain import config as config_file
     from retain import experiments as ex
-    from retain.api import RunConfig
 
     check_exec_args(args)
     data = config_file.load(args.file)
@@ -206,12 +217,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     records = _run(args, [j for _, j in pairs], store, f"sweep {sweep.name}", "sweep ")
     chosen = ex.choose(sweep, pairs, records)
     print(ex.sweep_report(sweep, chosen))
-    _failures(records)
+    code = _failures(records)
     if args.json:
-        from retain.cli import write_json_atomic
-
         write_json_atomic(args.json, _jsonable(chosen))
-    return 0
+    return code
 
 
 def _jsonable(obj: Any) -> Any:
@@ -231,7 +240,6 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     from retain import experiments as ex
     from retain import reproduce
-    from retain.api import RunConfig
     from retain.method import methods as registry
 
     check_exec_args(args)
@@ -295,8 +303,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         print(f"note: {proto.note}")
     if args.quick:
         print("QUICK RUN: fewer seeds and steps than the paper; the numbers are not comparable to it.")
-    _failures(records)
-    return 0
+    return _failures(records)
 
 
 # ------------------------------------------------------------------------------------------ report, runs, export
@@ -350,8 +357,6 @@ EXPORT_COLUMNS = ("hash", "status", "benchmark", "mode", "method", "seed", "para
 
 def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
-
-    from retain.cli import check_writable_file
 
     check_writable_file(args.out, "--out")
     rows = _selected(args)
