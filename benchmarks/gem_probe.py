@@ -64,18 +64,18 @@ def main() -> int:
                               tasks=None, init="torch", lr=None)
     (c,) = rr.configs(spec)
     state = checkpoint.load(a.checkpoint)
-    if "memory" not in state["method"]:
+    if "buffer" not in state["method"]:
         ap.error(f"--checkpoint {a.checkpoint} is not a GEM run (its method state has no memory)")
     gem = create("gem", c["params"])
     gem.load_state_dict(state["method"])
     model = state["model"]
     task = state["position"]["task"]
-    old = [k for k in gem.memory.tasks() if k < task]
+    old = [k for k in gem.buffer.tasks() if k < task]
     if not old:
         ap.error(f"--checkpoint {a.checkpoint} is at task {task}: there is no earlier memory to probe")
     sc = rr.build_scenario(c, a.seed, a.data_dir, a.train_per_task)
 
-    memories = [gem.memory.rows(k) for k in old]
+    memories = [gem.buffer.rows(k) for k in old]
 
     @torch.no_grad()
     def memory_losses(m: torch.nn.Module) -> list[float]:

@@ -1,5 +1,5 @@
 """Reproduce issue 7's methods beside their published numbers: DGR and DGR + distill (P1, three modes), PNN and
-PackNet (task-IL Split-MNIST; Permuted-MNIST in the A-GEM style), MER and OML (Rotated-MNIST, MER's online
+PackNet (task-IL Split-MNIST; Permuted-MNIST in the A-GEM style), MER and MAML + replay (Rotated-MNIST, MER's online
 protocol), each with fine-tuning under the same settings, and the time and memory each method costs.
 
     python benchmarks/reproduce_generative_architecture.py --data-dir ../shared/data/mnist            # full
@@ -79,7 +79,7 @@ def groups(args: argparse.Namespace) -> dict[str, list[dict]]:
          "params": {**mer, "batches_per_example": 10, "buffer_size": 500}, **rot},
         {"protocol": "rotated", "label": "mer-200", "method": "mer",
          "params": {**mer, "batches_per_example": 5, "buffer_size": 200}, **rot},
-        {"protocol": "rotated", "label": "oml", "method": "oml",
+        {"protocol": "rotated", "label": "maml_replay", "method": "maml_replay",
          "params": {"inner_steps": 1, "inner_lr": 0.1, "outer_lr": 0.1, "buffer_size": 500}, **rot},
     ]
     return out
@@ -96,8 +96,8 @@ def sizes(method: retain.method.Method, model_params: int) -> dict:
     if method.name == "packnet":
         got["mask_bytes"] = sum(method.mask_sizes().values())
         got["kept_per_task"] = [sum(k.values()) for k in method.kept]
-    if method.name in ("mer", "oml"):
-        mem = method.memory  # a retain.buffers.Buffer, or None without memory
+    if method.name in ("mer", "maml_replay"):
+        mem = method.buffer  # a retain.buffers.Buffer, or None without memory
         got["buffer_rows"] = 0 if mem is None else len(mem)
         got["buffer_bytes"] = 0 if mem is None or mem.x is None else mem.x.numel() * mem.x.element_size()
     return got

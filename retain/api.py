@@ -130,14 +130,10 @@ def execute(run: Run, progress: Progress | None = None, checkpointer: Checkpoint
         warnings=trained.warnings,
         val_matrix=trained.val_matrix,
         peak_memory_mb=peak_memory_mb(),
-        memory=_memory(run.method, scenario),
+        memory=run.method.memory(scenario).to_dict(),  # the samples it keeps, in the method's own words
     )
 
 
-def _memory(method: Method, scenario: Scenario) -> dict[str, int] | None:
-    """The method's own report of the samples it keeps (rows and bytes), for the record and the report."""
-    report = getattr(method, "memory", None)
-    return report(scenario).to_dict() if callable(report) else None
 
 
 def only_task(scenario: Scenario, j: int) -> Scenario:

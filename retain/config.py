@@ -456,6 +456,8 @@ def resolve(config: RunConfig | dict[str, Any] | None = None, *, scenario: Any =
     for o in OPTIONS.values():  # a RunConfig built by hand may hold strings ("0.01") or lists: one coercion
         setattr(config, o.name, coerce(o.name, getattr(config, o.name)))
     c = config
+    if c.data_dir:
+        c.data_dir = os.path.expanduser(c.data_dir)  # the API gets no shell: "~/data/mnist" means the home folder
     if isinstance(method, str):
         c.method, method = method, None
     if method is not None and not isinstance(method, Method):

@@ -128,9 +128,6 @@ class Method:
         """
         return Memory(0, 0)
 
-    def memory_estimate(self, scenario: Any) -> int:  # TEMPORARY (helper "methods"): until trainer.py calls memory()
-        return self.memory(scenario).bytes
-
     # --------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """Everything but the hyper-parameters: Fisher, Ω, buffers, masks... (saved with checkpoints)."""

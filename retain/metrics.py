@@ -54,16 +54,17 @@ def forward_transfer(R: ArrayLike, b: ArrayLike) -> float:
 
 
 def forgetting(R: ArrayLike) -> float:
-    """F = 1/(T-1) Σ_{j<T-1} (max_{l<T-1} R[l, j] − R[T-1, j])  (Chaudhry et al. 2018, eq. 2). 0 for one task.
+    """F = 1/(T-1) Σ_{j<T-1} (max_{j≤l<T-1} R[l, j] − R[T-1, j])  (Chaudhry et al. 2018, eq. 2). 0 for one task.
 
-    The max runs over every row before the last (cells before task j is trained are included, as in the paper's
-    definition over l ∈ {0..T-2}).
+    The max runs over the rows from the one right after task j was trained up to the one before the last, as
+    Mammoth and Avalanche compute it: accuracies from before task j was trained (chance in class-IL, zero-shot in
+    task- and domain-IL) are not knowledge the model had, so they cannot be forgotten.
     """
     R = _r(R)
     T = len(R)
     if T < 2:
         return 0.0
-    return float(np.mean([R[: T - 1, j].max() - R[-1, j] for j in range(T - 1)]))
+    return float(np.mean([R[j: T - 1, j].max() - R[-1, j] for j in range(T - 1)]))
 
 
 def learning_accuracy(R: ArrayLike) -> float:

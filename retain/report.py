@@ -188,6 +188,17 @@ def _describe_run(r: dict[str, Any]) -> str:
             f"{extra}{'; ' + params if params else ''}")
 
 
+def memory_axis(groups: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[str, tuple[float, float]]]:
+    """The x axis of the accuracy-versus-memory plot: the stored samples each variant keeps at most, as its
+    records report them (``record["memory"]["rows"]``, from ``Method.memory``), or, when any record predates that
+    report (older stores have no ``memory`` key), the peak resident memory in MB, labelled so."""
+    if all(isinstance(r.get("memory"), dict) and "rows" in r["memory"] for g in groups.values() for r in g):
+        return ("stored samples (rows the method keeps; 0 = none)",
+                {n: _stats([float(r["memory"]["rows"]) for r in g]) for n, g in groups.items()})
+    return ("peak resident memory (MB; these records predate the stored-samples report)",
+            {n: _stats([record_values(r).get("peak_mb", math.nan) for r in g]) for n, g in groups.items()})
+
+
 def _experiment_blocks(name: str, records: list[dict[str, Any]], slug: str) -> list[Block]:
     done = [r for r in records if r["status"] == "done"]
     blocks: list[Block] = [("h", 2, name),
@@ -224,20 +235,9 @@ def _experiment_blocks(name: str, records: list[dict[str, Any]], slug: str) -> l
               100 * stats[n]["acc"][1]) for s_, n in zip(short, names)]
     blocks.append(("img", f"{slug}-acc-time.png", _scatter(pts_t, "training time (s)", "Accuracy vs time"),
                    f"accuracy vs training time, {name}"))
-    mem = []
-    for s_, n in zip(short, names):
-        params = groups[n][0]["config"].get("params") or {}
-        buf = next((v for k, v in params.items() if ("buffer" in k or "memory" in k)
-                    and isinstance(v, (int, float)) and not isinstance(v, bool)), None)
-        mem.append((s_, buf, stats[n]["peak_mb"]))
-    if any(b is not None for _, b, _ in mem):
-        pts_m = [(s_, float(b or 0), 0.0, 100 * stats[n]["acc"][0], 100 * stats[n]["acc"][1])
-                 for (s_, b, _), n in zip(mem, names)]
-        xlabel = "stored samples (buffer size; 0 = none)"
-    else:
-        pts_m = [(s_, pm[0], pm[1], 100 * stats[n]["acc"][0], 100 * stats[n]["acc"][1])
-                 for (s_, _, pm), n in zip(mem, names)]
-        xlabel = "peak resident memory (MB)"
+    xlabel, mem = memory_axis(groups)
+    pts_m = [(s_, mem[n][0], mem[n][1], 100 * stats[n]["acc"][0], 100 * stats[n]["acc"][1])
+             for s_, n in zip(short, names)]
     blocks.append(("img", f"{slug}-acc-memory.png", _scatter(pts_m, xlabel, "Accuracy vs memory"),
                    f"accuracy vs memory, {name}"))
     blocks.append(("p", "Accuracy of each task over the sequence (mean over seeds): each line is one task's test "

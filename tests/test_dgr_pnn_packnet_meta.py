@@ -1,4 +1,4 @@
-"""DGR, progressive networks, PackNet, OML and MER: contracts on tiny tensors, maths by hand, behaviour on digits."""
+"""DGR, progressive networks, PackNet, MAML + replay and MER: contracts on tiny tensors, maths by hand, behaviour."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def test_architecture_methods_refuse_other_modes_before_training(name, mode):
     ("dgr", {"temperature": 0}), ("dgr", {"replay_ratio": 0}), ("dgr", {"z_dim": 0}),
     ("pnn", {"hidden": "4,x"}), ("pnn", {"column": "lstm"}), ("pnn", {"lateral": "dense"}),
     ("pnn", {"init": "xavier"}), ("pnn", {"lateral": "linear", "column": "conv"}),
-    ("oml", {"inner_steps": -1}), ("oml", {"inner_lr": 0}),
+    ("maml_replay", {"inner_steps": -1}), ("maml_replay", {"inner_lr": 0}),
     ("mer", {"beta": 0}), ("mer", {"gamma": 1.5}), ("mer", {"batches_per_example": 0}),
 ])
 def test_bad_hyper_parameters_are_config_errors(name, params):
@@ -70,13 +70,25 @@ def test_bad_hyper_parameters_are_config_errors(name, params):
 
 
 def test_task_free_pairings():
-    sc = tiny_split("class", n_tasks=2)
-    for name in ("dgr",):
+    for name in ("dgr", "pnn", "packnet"):  # refused when the run is resolved, before any training
         with pytest.raises(ConfigError, match="boundaries"):
-            train(sc, create(name), MLP(8, sc.n_outputs, (8,)), TrainConfig(task_free=True))
-    for name in ("oml", "mer"):  # online methods run on a stream with no boundaries
-        train(sc, create(name, {"inner_steps": 1} if name == "oml" else {}), MLP(8, sc.n_outputs, (8,)),
-              TrainConfig(task_free=True, batch_size=16))
+            retain.run(scenario=tiny_split("task", n_tasks=2), method=name, task_free=True, hidden=(8,))
+    # the online methods run on a stream with no boundaries: they learn it and their reservoir sees all of it
+    for mode in ("task", "domain", "class"):
+        sc = tiny_split(mode, n_tasks=2)
+        for name, params in (("maml_replay", {"inner_steps": 1, "outer_lr": 0.05}), ("mer", {"alpha": 0.1})):
+            torch.manual_seed(0)
+            method = create(name, params)
+            out = train(sc, method, MLP(8, sc.n_outputs, (8,)), TrainConfig(task_free=True, batch_size=4))
+            chance = 1 / (sc.n_outputs if mode == "class" else 2)
+            assert out.accuracy_matrix[-1][-1] > chance + 0.3, (name, mode, out.accuracy_matrix)
+            n_rows = sum(len(task.train_idx) for task in sc.tasks)
+            assert method.buffer.seen == n_rows and method.buffer.tasks() == [0, 1], (name, mode)
+
+
+def test_maml_replay_is_no_longer_registered_and_points_to_maml_replay():
+    with pytest.raises(ConfigError, match="maml_replay"):
+        create("oml")
 
 
 # -------------------------------------------------------------------------------------------------- PNN
@@ -369,23 +381,23 @@ def _ce_grad(W, b, x, y):
     return d.T @ x, d.sum(0)
 
 
-def test_oml_with_no_inner_steps_is_a_plain_sgd_step():
+def test_maml_replay_with_no_inner_steps_is_a_plain_sgd_step():
     sc, model, batch = _tiny_linear()
-    oml = create("oml", {"inner_steps": 0, "outer_lr": 0.5})
-    ctx = _context(model, sc, oml, optimizer="sgd", lr=123.0)  # the outer lr, not the run's, must be used
+    maml = create("maml_replay", {"inner_steps": 0, "outer_lr": 0.5})
+    ctx = _context(model, sc, maml, optimizer="sgd", lr=123.0)  # the outer lr, not the run's, must be used
     W0, b0 = model.weight.detach().clone(), model.bias.detach().clone()
-    oml.observe(ctx, batch)
+    maml.observe(ctx, batch)
     gW, gb = _ce_grad(W0, b0, batch.x, batch.y)
     assert torch.allclose(model.weight, W0 - 0.5 * gW, atol=1e-12)
     assert torch.allclose(model.bias, b0 - 0.5 * gb, atol=1e-12)
-    assert len(oml.memory) == len(batch)
+    assert len(maml.buffer) == len(batch)
 
 
-def test_oml_meta_gradient_flows_through_the_inner_step():
+def test_maml_replay_meta_gradient_flows_through_the_inner_step():
     sc, model, batch = _tiny_linear()
     alpha, eta = 0.7, 0.1
-    oml = create("oml", {"inner_steps": 1, "inner_lr": alpha, "outer_lr": eta})
-    ctx = _context(model, sc, oml, optimizer="sgd")
+    maml = create("maml_replay", {"inner_steps": 1, "inner_lr": alpha, "outer_lr": eta})
+    ctx = _context(model, sc, maml, optimizer="sgd")
     theta = torch.cat([model.weight.detach().flatten(), model.bias.detach()]).clone()
 
     def meta_loss(th):  # f(θ) = ℓ(θ − α ∇ℓ(θ)), everything by hand
@@ -397,12 +409,12 @@ def test_oml_meta_gradient_flows_through_the_inner_step():
     eps = 1e-6
     numeric = torch.stack([(meta_loss(theta + eps * e) - meta_loss(theta - eps * e)) / (2 * eps)
                            for e in torch.eye(len(theta), dtype=torch.float64)])
-    oml.observe(ctx, batch)
+    maml.observe(ctx, batch)
     after = torch.cat([model.weight.detach().flatten(), model.bias.detach()])
     assert torch.allclose((theta - after) / eta, numeric, atol=1e-7)
     # the first-order approximation drops the second-order term and gives a different update
     _, model2, _ = _tiny_linear()
-    fo = create("oml", {"inner_steps": 1, "inner_lr": alpha, "outer_lr": eta, "first_order": True})
+    fo = create("maml_replay", {"inner_steps": 1, "inner_lr": alpha, "outer_lr": eta, "first_order": True})
     fo.observe(_context(model2, sc, fo, optimizer="sgd"), batch)
     after_fo = torch.cat([model2.weight.detach().flatten(), model2.bias.detach()])
     assert not torch.allclose(after_fo, after, atol=1e-6)
@@ -436,37 +448,110 @@ def test_mer_reptile_interpolations_by_hand():
     assert torch.allclose(model.weight, W, atol=1e-12) and torch.allclose(model.bias, b, atol=1e-12)
 
 
-def test_mer_and_oml_keep_a_reservoir_of_everything_seen():
+def test_mer_with_several_examples_per_batch_follows_the_authors_order_by_hand():
+    """A batch of 6 examples, k = 3, s = 2: each B_i is the current example first, then distinct memories of the
+    examples before it; the weights are Algorithm 1 replayed by hand over exactly those single-example steps."""
+    sc, model, batch = _tiny_linear()
+    model, batch = model.float(), Batch(batch.x.float(), batch.y, batch.t, None, 0)
+    mer = create("mer", {"beta": 0.5, "gamma": 0.6, "batches_per_example": 2, "replay_batch": 3, "alpha": 0.3,
+                         "buffer_size": 100})
+    ctx = _context(model, sc, mer)
+    calls = []
+    sgd = mer._sgd
+
+    def spy(ctx, params, row, lr):
+        calls.append((row.x.clone(), row.y.clone()))
+        return sgd(ctx, params, row, lr)
+
+    mer._sgd = spy
+    W0, b0 = model.weight.detach().double().clone(), model.bias.detach().double().clone()
+    mer.observe(ctx, batch)
+    W, b = W0, b0
+    pos = 0
+    for i in range(len(batch)):
+        W_a, b_a = W, b
+        for _ in range(2):
+            size = 1 + min(2, i)
+            rows = calls[pos:pos + size]
+            pos += size
+            assert torch.equal(rows[0][0], batch.x[i:i + 1])  # the current example first
+            memories = [torch.where((batch.x[:i] == r[0]).all(1))[0].tolist() for r in rows[1:]]
+            assert all(len(m) == 1 for m in memories)  # each memory is one of the examples seen before
+            assert len({m[0] for m in memories}) == len(memories)  # distinct within the batch
+            W_w, b_w = W, b
+            for x, y in rows:
+                gW, gb = _ce_grad(W, b, x.double(), y)
+                W, b = W - 0.3 * gW, b - 0.3 * gb
+            W, b = W_w + 0.5 * (W - W_w), b_w + 0.5 * (b - b_w)
+        W, b = W_a + 0.6 * (W - W_a), b_a + 0.6 * (b - b_a)
+    assert pos == len(calls) == 2 * (1 + 2 + 3 * 4)
+    assert torch.allclose(model.weight.double(), W, atol=1e-6) and torch.allclose(model.bias.double(), b, atol=1e-6)
+    assert mer.buffer.seen == len(batch)
+
+
+def test_maml_replay_memory_term_uses_the_unadapted_weights():
+    """L(θ) = ℓ(B; θ − α∇ℓ(B; θ)) + ℓ(B_M; θ): the memory batch is scored with θ itself, not the fast weights."""
+    sc, model, batch = _tiny_linear()
+    model, batch = model.float(), Batch(batch.x.float(), batch.y, batch.t, None, 0)
+    alpha, eta = 0.7, 0.1
+    method = create("maml_replay", {"inner_steps": 1, "inner_lr": alpha, "outer_lr": eta, "buffer_size": 50})
+    ctx = _context(model, sc, method, optimizer="sgd")
+    other = sc.batch(sc.tasks[0].train_idx[6:], 0)
+    method.buffer.add(other.x, other.y, other.t, generator=torch.Generator().manual_seed(0))
+    memory = method.buffer.sample(len(batch), torch.Generator().set_state(ctx.rng.get_state()))
+    W0, b0 = model.weight.detach().double().clone(), model.bias.detach().double().clone()
+    x, y = batch.x.double(), batch.y
+    W = W0.clone().requires_grad_(True)
+    b = b0.clone().requires_grad_(True)
+    gW, gb = _ce_grad(W, b, x, y)
+    meta = F.cross_entropy(x @ (W - alpha * gW).T + (b - alpha * gb), y)
+    replay = F.cross_entropy(memory.x.double() @ W.T + b, memory.y)
+    dW, db = torch.autograd.grad(meta + replay, (W, b), retain_graph=True)
+    method.observe(ctx, batch)
+    assert torch.allclose(model.weight.double(), W0 - eta * dW, atol=1e-6)
+    assert torch.allclose(model.bias.double(), b0 - eta * db, atol=1e-6)
+    # scoring the memory with the fast weights instead would give another update
+    fast = F.cross_entropy(memory.x.double() @ (W - alpha * gW).T + (b - alpha * gb), memory.y)
+    dW2, _ = torch.autograd.grad(meta + fast, (W, b))
+    assert not torch.allclose(W0 - eta * dW2, W0 - eta * dW, atol=1e-5)
+
+
+def test_mer_and_maml_replay_keep_a_reservoir_of_everything_seen():
     from retain.buffers import Buffer
 
     sc, model, batch = _tiny_linear()
     model, batch = model.float(), Batch(batch.x.float(), batch.y, batch.t, None, 0)
-    for method in (create("mer", {"buffer_size": 4, "alpha": 0.1}), create("oml", {"buffer_size": 4})):
-        assert isinstance(method.memory, Buffer) and not method.memory.balanced  # reservoir (algorithm R)
+    for method in (create("mer", {"buffer_size": 4, "alpha": 0.1}), create("maml_replay", {"buffer_size": 4})):
+        assert isinstance(method.buffer, Buffer) and not method.buffer.balanced  # reservoir (algorithm R)
         ctx = _context(model, sc, method)
         for _ in range(3):
             method.observe(ctx, batch)
-        assert method.memory.seen == 3 * len(batch) and len(method.memory) == 4
-    assert create("mer", {"buffer_size": 0}).memory is None
+        assert method.buffer.seen == 3 * len(batch) and len(method.buffer) == 4
+    assert create("mer", {"buffer_size": 0}).buffer is None
 
 
-def test_mer_and_oml_beat_finetuning_on_digits():
+def test_mer_and_maml_replay_beat_finetuning_on_digits():
     kw = {"benchmark": "split-digits", "mode": "class", "epochs": 1, "batch_size": 10, "seed": 0}
     base = retain.run(method="finetune", **kw).metrics["acc"]
     mer = retain.run(method="mer", params={"alpha": 0.1, "beta": 0.3, "buffer_size": 200}, **kw).metrics["acc"]
-    oml = retain.run(method="oml", params={"inner_steps": 1, "buffer_size": 200}, **kw).metrics["acc"]
-    assert base < 0.25 and mer > base + 0.4 and oml > base + 0.2, (base, mer, oml)
+    maml = retain.run(method="maml_replay", params={"inner_steps": 1, "buffer_size": 200}, **kw).metrics["acc"]
+    assert base < 0.25 and mer > base + 0.4 and maml > base + 0.2, (base, mer, maml)
 
 
-@pytest.mark.parametrize("name", ["dgr", "pnn", "packnet", "oml", "mer"])
+@pytest.mark.parametrize("name", ["dgr", "pnn", "packnet", "maml_replay", "mer"])
 def test_every_method_runs_in_every_mode_it_declares(name):
+    """Every declared mode trains: each task is learned well above chance by the end of its own training."""
     cls = retain.method.methods()[name]
     for mode in cls.modes:
         sc = tiny_split(mode, n_tasks=2)
-        params = {"dgr": {"fc_units": 8, "z_dim": 2}, "oml": {"inner_steps": 1}}.get(name, {})
+        params = {"dgr": {"fc_units": 8, "z_dim": 2}, "maml_replay": {"inner_steps": 1, "outer_lr": 0.01},
+                  "mer": {"alpha": 0.05}}.get(name, {})
         torch.manual_seed(0)
-        out = train(sc, create(name, params), MLP(8, sc.n_outputs, (8,)), TrainConfig(iterations=3, batch_size=8))
-        assert not torch.isnan(torch.tensor(out.accuracy_matrix)).any()
+        out = train(sc, create(name, params), MLP(8, sc.n_outputs, (8,)),
+                    TrainConfig(iterations=30, batch_size=8, lr=0.01))
+        chance = 1 / (sc.n_outputs if mode == "class" else 2)
+        R = out.accuracy_matrix
+        assert min(R[0][0], R[1][1]) > chance + 0.3, (mode, R)
 
 
 def test_observe_owners_keep_their_partners_hooks_in_a_compose():
@@ -489,7 +574,7 @@ def test_observe_owners_keep_their_partners_hooks_in_a_compose():
             self.calls.append("after")
 
     sc = tiny_split("class", n_tasks=2)
-    for owner in (create("dgr", {"fc_units": 8, "z_dim": 2}), create("oml", {"inner_steps": 1})):
+    for owner in (create("dgr", {"fc_units": 8, "z_dim": 2}), create("maml_replay", {"inner_steps": 1})):
         counter = Counter()
         train(sc, Compose(owner, counter), MLP(8, sc.n_outputs, (8,)), TrainConfig(iterations=2, batch_size=8))
         assert counter.calls == ["penalty", "before", "after"] * 4, type(owner).__name__
@@ -498,7 +583,7 @@ def test_observe_owners_keep_their_partners_hooks_in_a_compose():
 @pytest.mark.parametrize("name, mode, params", [
     ("pnn", "task", {}), ("pnn", "task", {"lateral": "linear", "init": "agem"}), ("packnet", "task", {}),
     ("dgr", "class", {"fc_units": 8, "z_dim": 2}),
-    ("mer", "class", {}), ("oml", "class", {"inner_steps": 1}),
+    ("mer", "class", {}), ("maml_replay", "class", {"inner_steps": 1}),
 ])
 def test_resume_from_a_checkpoint_gives_the_same_matrix(tmp_path, name, mode, params):
     """Columns, masks, generators, frozen copies and reservoirs all come back from a checkpoint."""

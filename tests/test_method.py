@@ -1,5 +1,6 @@
 """The method interface: registry, hook-name checking, Compose, parameter parsing and presets."""
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -90,3 +91,17 @@ def test_compose_refuses_two_owners_of_forward():
 
     with pytest.raises(ConfigError, match="more than one overrides forward"):
         Compose(F1(), F2())
+
+
+def test_memory_defaults_to_none_and_compose_sums_its_parts():
+    from retain.method import Memory, row_bytes
+    from tests.conftest import tiny_split
+
+    sc = tiny_split("class", n_tasks=2)
+    assert Method().memory(sc) == Memory(0, 0) and Memory(3, 12).to_dict() == {"rows": 3, "bytes": 12}
+    er, der = create("er", {"buffer_size": 7}), create("der", {"buffer_size": 5})
+    both = Compose(er, der, create("ewc"))
+    assert both.memory(sc) == Memory(12, 7 * row_bytes(sc) + 5 * row_bytes(sc, logits=True))
+    assert row_bytes(sc, logits=True) - row_bytes(sc) == 4 * sc.n_outputs  # DER's rows carry their logits
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        both.memory(sc).rows = 0

@@ -26,11 +26,16 @@ def test_fwt_subtracts_random_init_baseline():
     assert metrics.zero_shot_accuracy(R) == pytest.approx((0.1 + 0.3) / 2)
 
 
-def test_forgetting_chaudhry_max_over_all_earlier_rows():
+def test_forgetting_chaudhry_max_over_rows_from_task_j_on():
     assert metrics.forgetting(R) == pytest.approx(((0.9 - 0.5) + (0.8 - 0.7)) / 2)
-    R2 = np.array(R)
-    R2[0, 1] = 0.85  # higher before task 1 was trained: the max runs over every row l < T-1
-    assert metrics.forgetting(R2) == pytest.approx(((0.9 - 0.5) + (0.85 - 0.7)) / 2)
+    # task 1 at 0.80 before its training, 0.75 right after it, 0.70 at the end: forgetting 0.05, not 0.10
+    R2 = [[0.90, 0.80, 0.20],
+          [0.60, 0.75, 0.30],
+          [0.50, 0.70, 0.95]]
+    assert metrics.forgetting(R2) == pytest.approx(((0.9 - 0.5) + (0.75 - 0.70)) / 2)
+    # a later rise still counts: the max runs over rows j..T-2, not only R[j, j]
+    R3 = np.array([[0.9, 0.1, 0.1, 0.1], [0.95, 0.8, 0.1, 0.1], [0.7, 0.85, 0.9, 0.1], [0.6, 0.6, 0.6, 0.9]])
+    assert metrics.forgetting(R3) == pytest.approx(((0.95 - 0.6) + (0.85 - 0.6) + (0.9 - 0.6)) / 3)
 
 
 def test_learning_accuracy_is_diagonal_mean():

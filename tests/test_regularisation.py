@@ -126,8 +126,7 @@ def logistic_fisher(model: nn.Linear, x: torch.Tensor, y: torch.Tensor | None) -
         return {"weight": (r2.T @ x**2) / len(x), "bias": r2.mean(0)}
 
 
-@pytest.mark.parametrize("engine", ["vmap", "linear"])
-def test_fisher_of_logistic_regression_matches_analytic(engine):
+def test_fisher_of_logistic_regression_matches_analytic():
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
     x = torch.randn(4000, 3)
@@ -136,8 +135,7 @@ def test_fisher_of_logistic_regression_matches_analytic(engine):
     batches = [(x[i:i + 500], t[i:i + 500], y[i:i + 500], None) for i in range(0, 4000, 500)]
 
     def fisher(labels, gen=None, rows=batches):
-        return fisher_diagonal(model, rows, labels, gen) if engine == "linear" else \
-            _vmap_fisher(model, rows, labels, gen)
+        return fisher_diagonal(model, rows, labels, gen)
 
     emp = fisher("empirical")
     want = logistic_fisher(model, x, y)
@@ -162,20 +160,39 @@ def test_fisher_of_logistic_regression_matches_analytic(engine):
     assert float(emp["weight"].sum()) > 10 * float((gw**2).sum())
 
 
-def _vmap_fisher(model, rows, labels, gen):
-    import retain.ops.fisher as fo
-
-    # the same estimator forced through the torch.func engine
-    def nll(out, y, mask):
-        return -F.log_softmax(torch.where(mask, out, torch.full_like(out, float("-inf"))), 0).gather(0, y[None])[0]
-
-    prepared = []
-    for x, t, y, _ in rows:
-        mask = torch.ones(len(x), 2, dtype=torch.bool)
+@pytest.mark.parametrize("labels", ["true", "empirical", "predicted"])
+@pytest.mark.parametrize("body", ["linear", "layernorm"])
+def test_fisher_diagonal_equals_a_per_sample_loop_with_the_same_labels(labels, body):
+    """fisher_diagonal itself, on the linear engine (only nn.Linear parameters) and on the vmap engine (a LayerNorm
+    makes ``auto`` fall back to it), against one backward per sample, with the labels drawn here by hand from the
+    model's softmax over the active outputs with the same generator, and one batch with masked outputs."""
+    torch.manual_seed(0)
+    mid = nn.Tanh() if body == "linear" else nn.LayerNorm(6)
+    model = nn.Sequential(nn.Linear(5, 6), mid, nn.Linear(6, 4))
+    x = torch.randn(30, 5)
+    t = torch.zeros(30, dtype=torch.long)
+    y = torch.randint(0, 2, (30,))
+    head = torch.tensor([True, True, False, False])
+    batches = [(x[:12], t[:12], y[:12], head), (x[12:], t[12:], y[12:], None)]
+    got = fisher_diagonal(model, batches, labels, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    want = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for xb, _, yb, mask in batches:
+        with torch.no_grad():
+            logits = model(xb)
+        active = logits if mask is None else logits.masked_fill(~mask, float("-inf"))
         if labels == "true":
-            y = fo.sample_predictive(model(x).detach(), mask, gen)
-        prepared.append((x, t, y, mask))
-    return per_sample_grad_stat(model, nll, prepared, "square", engine="vmap")
+            yb = torch.multinomial(torch.softmax(active, 1), 1, generator=g).squeeze(1)
+        elif labels == "predicted":
+            yb = active.argmax(1)
+        for i in range(len(xb)):
+            out = model(xb[i:i + 1])[0]
+            out = out if mask is None else out.masked_fill(~mask, float("-inf"))
+            grads = torch.autograd.grad(-torch.log_softmax(out, 0)[yb[i]], list(model.parameters()))
+            for (n, _), gr in zip(model.named_parameters(), grads):
+                want[n] += gr ** 2 / len(x)
+    for n in want:
+        assert torch.allclose(got[n], want[n], rtol=1e-4, atol=1e-7), (labels, body, n)
 
 
 def test_predicted_label_fisher_is_the_empirical_formula_at_the_argmax():
@@ -384,6 +401,38 @@ def test_lwf_distils_the_old_outputs_per_mode():
     assert float(distillation(old_out, old_out, 2.0)) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_lwf_task_il_distils_every_old_head_with_its_own_softmax():
+    """At task 2 of 3 (task-IL) the penalty is α Σ_{h ∈ {0, 1}} KL(q_h ‖ p_h), one softmax per old head, and
+    the current head gets no gradient."""
+    torch.manual_seed(0)
+    x = torch.randn(120, 4)
+    y = torch.arange(120) % 6
+    sc = from_tensors(x, y, x[:12], y[:12], mode="task", name="toy3", n_tasks=3)
+    model = nn.Linear(4, sc.n_outputs)
+    lwf = LwF(alpha=0.5, temperature=2.0)
+    ctx = Context(model, sc.train_view(), TrainConfig(), lwf, torch.device("cpu"), torch.Generator().manual_seed(0),
+                  torch.zeros(sc.n_outputs, dtype=torch.bool))
+    ctx.task = 2
+    lwf.begin_task(ctx)
+    assert lwf.old_tasks == [0, 1]
+    old_out = torch.randn(16, sc.n_outputs)
+    new_out = torch.randn(16, sc.n_outputs, requires_grad=True)
+    lwf.old = lambda _x: old_out
+    got = lwf.penalty(ctx, SimpleNamespace(x=x[:16]), new_out)
+    want = 0
+    for h in (0, 1):
+        head = sc.task_out[h]
+        q = F.softmax(old_out[:, head] / 2.0, 1)
+        want = want + (q * (q.log() - F.log_softmax(new_out[:, head] / 2.0, 1))).sum(1).mean()
+    assert val(got) == pytest.approx(0.5 * val(want), rel=1e-5)
+    both = sc.task_out[0] | sc.task_out[1]  # one softmax over both heads is another number
+    q = F.softmax(old_out[:, both] / 2.0, 1)
+    joint = (q * (q.log() - F.log_softmax(new_out[:, both] / 2.0, 1))).sum(1).mean()
+    assert abs(val(got) - 0.5 * val(joint)) > 1e-3
+    (g,) = torch.autograd.grad(got, new_out)
+    assert torch.all(g[:, sc.task_out[2]] == 0) and torch.all(g[:, both].abs().sum(0) > 0)
+
+
 def test_lwf_seen_class_targets_pad_the_new_classes_with_zero():
     """class_targets=seen (van de Ven's class-IL LwF): softmax over old + new classes, new classes' targets 0."""
     torch.manual_seed(0)
@@ -467,16 +516,43 @@ def test_presets_cover_the_protocols():
             create(name, preset=key)  # every preset is valid
 
 
+def _aten_ops(fn) -> int:
+    """How many ATen operators ``fn`` dispatches (a cost that does not depend on the machine's speed)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
 def test_online_penalty_cost_does_not_grow_with_tasks():
+    """Online EWC keeps one Fisher and one anchor whatever the number of tasks (2 parameter-sized tensors per
+    parameter), and its penalty dispatches the same operators after 1 and after 6 tasks; separate EWC stores a
+    pair per task."""
     torch.manual_seed(0)
     model = nn.Linear(4, 4)
-    online = create("online_ewc", {"fisher_samples": 20})
-    ctx = toy_context(model, online)
-    for task in (0, 1, 0, 1):
-        ctx.task = task
-        online.end_task(ctx)
-    assert len(online.penalties) == 1
-    assert quadratic_penalty(dict(model.named_parameters()), *online.penalties[0]).item() == pytest.approx(0.0)
+    n_params = len(list(model.parameters()))
+    online, separate = create("online_ewc", {"fisher_samples": 20}), create("ewc", {"fisher_samples": 20})
+    stored = lambda m: sum(len(f) + len(a) for f, a in m.penalties)  # noqa: E731 - parameter-sized tensors held
+    costs = []
+    for task in range(6):
+        for method in (online, separate):
+            ctx = toy_context(model, method)
+            ctx.task = task % 2
+            method.end_task(ctx)
+        with torch.no_grad():
+            model.weight += 0.1  # the next task moves the weights
+        assert stored(online) == 2 * n_params and stored(separate) == 2 * n_params * (task + 1)
+        costs.append(_aten_ops(lambda ctx=ctx: online.penalty(ctx, None, None)))
+    assert costs[0] == costs[-1], costs
+    assert float(online.penalty(ctx, None, None).detach()) > 0
 
 
 def test_state_survives_copy():

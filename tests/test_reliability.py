@@ -164,18 +164,22 @@ def test_nan_loss_in_a_stored_run_is_recorded_failed_with_reason_and_step(tmp_pa
     assert rec["error_task"] == 0 and rec["error_step"] >= 1
 
 
-def test_memory_estimate_reports_buffers_and_compose_sums_its_parts():
+def test_memory_report_counts_buffers_and_compose_sums_its_parts():
+    from retain.method import Memory
     from retain.scenarios import from_tensors
 
     sc = from_tensors(torch.zeros(8, 3, 4), torch.arange(8) % 4, torch.zeros(4, 3, 4),
                                        torch.arange(4), mode="class", n_tasks=2)
-    row = 4 * 12 + 32
-    assert create("finetune").memory_estimate(sc) == 0 and create("ewc").memory_estimate(sc) == 0
-    assert create("er", {"buffer_size": 10}).memory_estimate(sc) == 10 * row
-    assert create("der", {"buffer_size": 10}).memory_estimate(sc) == 10 * (row + 4 * sc.n_outputs)
-    assert create("agem", {"memory_per_task": 5}).memory_estimate(sc) == 5 * 2 * row
-    assert create("mer", {"buffer_size": 7}).memory_estimate(sc) == 7 * row
-    assert create("ewc_er", {"buffer_size": 10}).memory_estimate(sc) == 10 * row  # ER's buffer + EWC's 0
+    row = 4 * 12 + 3 * 8 + 4  # float32 input, int64 target / task / key, float32 priority
+    assert create("finetune").memory(sc) == Memory(0, 0) and create("ewc").memory(sc) == Memory(0, 0)
+    assert create("er", {"buffer_size": 10}).memory(sc) == Memory(10, 10 * row)
+    assert create("der", {"buffer_size": 10}).memory(sc) == Memory(10, 10 * (row + 4 * sc.n_outputs))
+    assert create("agem", {"memory_per_task": 5}).memory(sc) == Memory(10, 5 * 2 * row)
+    assert create("mer", {"buffer_size": 7}).memory(sc) == Memory(7, 7 * row)
+    assert create("ewc_er", {"buffer_size": 10}).memory(sc) == Memory(10, 10 * row)  # ER's buffer + EWC's 0
+    assert create("ewc+er", {"buffer_size": 10}).memory(sc) == Memory(10, 10 * row)
+    rec = retain.run(method="er", params={"buffer_size": 30}, iterations=2, n_tasks=2, hidden=(8,))
+    assert rec.memory["rows"] == 30  # the record carries the method's own report
 
 
 def test_buffer_larger_than_memory_is_refused_before_training_with_the_estimate(capsys, monkeypatch):
@@ -190,7 +194,7 @@ def test_buffer_larger_than_memory_is_refused_before_training_with_the_estimate(
     # the same check whatever the machine: a small buffer against a machine with 1 MiB free
     monkeypatch.setattr(trainer, "available_memory", lambda device: 2**20)
     code, _, err = cli(capsys, "run", "--method", "ewc_er", "--param", "buffer_size=20000", *TINY)
-    assert code == 2 and "ewc_er would need about 5.5 MiB" in one_line(err) and "only 1.0 MiB" in err
+    assert code == 2 and "ewc_er would need about 5.4 MiB" in one_line(err) and "only 1.0 MiB" in err
 
 
 def test_unexpected_exception_is_one_line_exit_1_and_debug_shows_the_traceback(capsys, monkeypatch):
@@ -446,7 +450,7 @@ def test_gem_probe_reports_the_memory_losses_after_one_step(tmp_path):
     sc = rr.build_scenario(c, 0, str(data), None)
     gem = create("gem", c["params"])
     rows = sc.batch(sc.tasks[0].train_idx[:30], 0)
-    gem.memory.add(rows.x, rows.y, rows.t, key=rows.t, generator=torch.Generator().manual_seed(0))
+    gem.buffer.add(rows.x, rows.y, rows.t, key=rows.t, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     state = {"position": {"task": 1, "task_step": 0, "step": 3}, "model": MLP(784, 10, (256, 256)),
              "method": gem.state_dict()}

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from retain.buffers import Buffer
 from retain.errors import ConfigError
-from retain.method import Method, param, register, row_bytes
+from retain.method import Memory, Method, param, register
 from retain.ops.qp import flat_grad, project_agem, write_grad
 from retain.scenarios import Batch
 
@@ -49,17 +49,17 @@ class AGEM(Method):
             raise ConfigError(f"agem: memory_per_task must be at least 1, got {self.memory_per_task}")
         if self.sample_size < 1:
             raise ConfigError(f"agem: sample_size must be at least 1, got {self.sample_size}")
-        self.memory = Buffer(per_class=self.memory_per_task)  # keyed by task
+        self.buffer = Buffer(per_class=self.memory_per_task)  # keyed by task
         self.projections = 0
 
-    def memory_estimate(self, scenario: Any) -> int:
-        return row_bytes(scenario) * self.memory_per_task * scenario.n_tasks
+    def memory(self, scenario: Any) -> Memory:
+        return Memory.of(self.memory_per_task * scenario.n_tasks, scenario)
 
     def before_update(self, ctx: Any) -> None:
-        old = [k for k in self.memory.tasks() if k != ctx.task]
+        old = [k for k in self.buffer.tasks() if k != ctx.task]
         if not old:
             return
-        rows = self.memory.sample(self.sample_size, ctx.rng, tasks=old)
+        rows = self.buffer.sample(self.sample_size, ctx.rng, tasks=old)
         ref = Batch(rows.x, rows.y, rows.t)
         params = [p for group in ctx.optimizer.param_groups for p in group["params"] if p.requires_grad]
         g = flat_grad(params)
@@ -74,4 +74,4 @@ class AGEM(Method):
     def after_update(self, ctx: Any, batch: Batch, out: Tensor) -> None:
         new = batch.new
         x, y, t = (batch.x, batch.y, batch.t) if new is None else (batch.x[new], batch.y[new], batch.t[new])
-        self.memory.add(x, y, t, key=t, generator=ctx.rng)
+        self.buffer.add(x, y, t, key=t, generator=ctx.rng)

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from retain.buffers import Buffer
 from retain.errors import ConfigError
-from retain.method import Method, param, register, row_bytes
+from retain.method import Memory, Method, param, register
 from retain.scenarios import Batch
 
 
@@ -52,8 +52,8 @@ class DER(Method):
             raise ConfigError(f"{self.name}: replay_batch must be >= 0 (0 = the batch size), got {self.replay_batch}")
         self.buffer = Buffer(self.buffer_size)
 
-    def memory_estimate(self, scenario: Any) -> int:
-        return row_bytes(scenario, logits=True) * self.buffer_size
+    def memory(self, scenario: Any) -> Memory:
+        return Memory.of(self.buffer_size, scenario, logits=True)  # each row keeps its logits
 
     def penalty(self, ctx: Any, batch: Batch, out: Tensor) -> Tensor | None:
         if len(self.buffer) == 0:

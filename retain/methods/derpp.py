@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -24,8 +23,11 @@ class DERPP(DER):
     row's own head; class-IL: the classes seen so far), each row with the task id it was stored with.
 
     Hooks: ``penalty``, ``after_update``.
-    Deviations: the two samples go through the network in one forward pass (same result, fewer kernel launches);
-    each sample is drawn without replacement, independently of the other, as in the paper.
+    The two samples go through the network in two forward passes, one each, as in Mammoth's ``derpp``: under batch
+    normalisation in training mode a joint pass would normalise each sample with the statistics of both (and
+    update the running statistics once instead of twice), which changes the outputs of a CNN. Each sample is drawn
+    without replacement, independently of the other, as in the paper.
+    Deviations: none known.
     """
 
     beta: float = param(0.5, "weight of the cross-entropy term on buffer labels (β)")
@@ -50,8 +52,6 @@ class DERPP(DER):
             return None
         n = self.replay_batch or len(batch)
         a = self.buffer.sample(n, ctx.rng)
+        logit_term = self.alpha * F.mse_loss(ctx.forward(a.x, a.t), a.logits)
         b = self.buffer.sample(n, ctx.rng)
-        both = ctx.forward(torch.cat([a.x, b.x]), torch.cat([a.t, b.t]))
-        out_a, out_b = both[:len(a)], both[len(a):]
-        return (self.alpha * F.mse_loss(out_a, a.logits)
-                + self.beta * ctx.loss(out_b, Batch(b.x, b.y, b.t)))
+        return logit_term + self.beta * ctx.loss(ctx.forward(b.x, b.t), Batch(b.x, b.y, b.t))

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from retain.buffers import SELECTIONS, Buffer
 from retain.errors import ConfigError
-from retain.method import Method, param, register, row_bytes
+from retain.method import Memory, Method, param, register
 from retain.scenarios import Batch
 
 STORAGES = ("reservoir", "class_balanced")
@@ -37,8 +37,11 @@ class ER(Method):
     Loss weighting. ``concat`` (default): the replayed rows are appended to the batch (``augment``, ``new`` =
     False) and the loss is the mean over all rows, i.e. weight B_r / (B + B_r) on replay (1/2 with the default
     ``replay_batch`` = batch size), as in Hsu et al.'s naive rehearsal and Mammoth's ER. ``task``: van de Ven's
-    weighting, the replayed batch standing for the t-1 earlier tasks: L = L_current + (t-1) · L_replay, which is
-    t × ((1/t) L_current + (1 − 1/t) L_replay) (the factor t leaves Adam's step unchanged up to its ε).
+    weighting (``rnt`` in GMvandeVen/continual-learning), the replayed batch standing for the t − 1 earlier tasks:
+    L = (1/t) L_current + (1 − 1/t) L_replay at task t (1-based). The weights sum to 1, so the loss keeps its scale
+    across task boundaries. (Until this release it was t times that, L_current + (t − 1) L_replay, documented as
+    leaving Adam's step unchanged; it does not when Adam's moments carry over a boundary, retain's default: the
+    second moment still has the old scale, and the step is up to t/(t − 1) times larger for hundreds of steps.)
 
     Hooks: ``augment`` (concat) or ``penalty`` (task), ``after_update`` (online insertion), ``end_task``
     (herding / k-center selection). The buffer is part of ``state_dict`` (saved with checkpoints).
@@ -52,7 +55,7 @@ class ER(Method):
     selection: str = param("random", "random (online insertion) or end-of-task herding / kcenter per class",
                            choices=SELECTIONS)
     replay_batch: int = param(0, "replayed rows per step (0 = the batch size)")
-    weighting: str = param("concat", "concat: mean over current + replayed rows; task: L_cur + (t-1) L_replay",
+    weighting: str = param("concat", "concat: mean over current + replayed rows; task: L_cur/t + (1-1/t) L_replay",
                            choices=WEIGHTINGS)
 
     presets = {
@@ -80,9 +83,10 @@ class ER(Method):
         self.buffer = make_buffer(self.buffer_size, self.per_class, self.storage == "class_balanced"
                                   or self.selection != "random")
 
-    def memory_estimate(self, scenario: Any) -> int:
-        classes = scenario.n_outputs * (scenario.n_tasks if scenario.mode == "domain" else 1)
-        return row_bytes(scenario) * (self.per_class * classes if self.per_class else self.buffer_size)
+    def memory(self, scenario: Any) -> Memory:
+        # per_class counts a budget per (task, class) key (class_key): every class of every task, in each mode
+        classes = sum(len(task.classes) for task in scenario.tasks)
+        return Memory.of(self.per_class * classes if self.per_class else self.buffer_size, scenario)
 
     # --------------------------------------------------------------------------------------------- hooks
     def augment(self, ctx: Any, batch: Batch) -> Batch:
@@ -94,7 +98,9 @@ class ER(Method):
         if self.weighting != "task" or len(self.buffer) == 0 or ctx.task == 0:
             return None
         replay = self.replay(ctx, int(batch.is_new().sum()))
-        return ctx.task * ctx.loss(ctx.forward(replay.x, replay.t), replay)
+        # added to the trainer's L_current: L_cur + (1 − 1/t)(L_replay − L_cur) = (1/t) L_cur + (1 − 1/t) L_replay
+        share = ctx.task / (ctx.task + 1)
+        return share * (ctx.loss(ctx.forward(replay.x, replay.t), replay) - ctx.loss(out, batch))
 
     def after_update(self, ctx: Any, batch: Batch, out: Tensor) -> None:
         if self.selection == "random":

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from retain.buffers import Buffer
 from retain.errors import ConfigError
-from retain.method import Method, param, register, row_bytes
+from retain.method import Memory, Method, param, register
 from retain.ops.qp import flat_grad, project_gem, require_quadprog, write_grad
 from retain.scenarios import Batch
 
@@ -73,15 +73,15 @@ class GEM(Method):
             raise ConfigError(f"gem: memory_size must be >= 0 (0 = memory_per_task per task), got {self.memory_size}")
         require_quadprog()
         # keyed by task: one share per task (fixed, or an equal part of memory_size)
-        self.memory = (Buffer(self.memory_size, balanced=True) if self.memory_size
+        self.buffer = (Buffer(self.memory_size, balanced=True) if self.memory_size
                        else Buffer(per_class=self.memory_per_task))
         self.projections = 0  # steps whose gradient was projected (reported in docs/tests)
 
-    def memory_estimate(self, scenario: Any) -> int:
-        return row_bytes(scenario) * (self.memory_size or self.memory_per_task * scenario.n_tasks)
+    def memory(self, scenario: Any) -> Memory:
+        return Memory.of(self.memory_size or self.memory_per_task * scenario.n_tasks, scenario)
 
     def before_update(self, ctx: Any) -> None:
-        old = [k for k in self.memory.tasks() if k != ctx.task]
+        old = [k for k in self.buffer.tasks() if k != ctx.task]
         if not old:
             return
         params = [p for group in ctx.optimizer.param_groups for p in group["params"] if p.requires_grad]
@@ -96,17 +96,17 @@ class GEM(Method):
             return
         new = batch.new
         x, y, t = (batch.x, batch.y, batch.t) if new is None else (batch.x[new], batch.y[new], batch.t[new])
-        self.memory.add(x, y, t, key=t, generator=ctx.rng)
+        self.buffer.add(x, y, t, key=t, generator=ctx.rng)
 
     def end_task(self, ctx: Any) -> None:
         if not self.memory_size:
             return
         data = ctx.scenario.task_data(ctx.task)
         rows = ctx.scenario.batch(data.idx, ctx.task)
-        self.memory.select(rows.x, rows.y, rows.t, rows.x[:, :0], "random", key=rows.t, generator=ctx.rng)
+        self.buffer.select(rows.x, rows.y, rows.t, rows.x[:, :0], "random", key=rows.t, generator=ctx.rng)
 
     def _memory_grad(self, ctx: Any, params: list[torch.nn.Parameter], task: int) -> Tensor:
-        rows = self.memory.rows(task)
+        rows = self.buffer.rows(task)
         mem = Batch(rows.x, rows.y, rows.t, None, task)
         loss = ctx.loss(ctx.forward(mem.x, mem.t), mem)
         grads = torch.autograd.grad(loss, params, allow_unused=True)

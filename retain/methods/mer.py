@@ -10,11 +10,11 @@ from torch import Tensor
 
 from retain.buffers import Buffer
 from retain.errors import ConfigError
-from retain.method import Method, param, register, row_bytes
+from retain.method import Memory, Method, param, register
 from retain.scenarios import Batch
 
 
-def memory(capacity: int) -> Buffer | None:
+def reservoir(capacity: int) -> Buffer | None:
     """A reservoir buffer (Vitter's algorithm R, :class:`retain.buffers.Buffer`), or None for no memory."""
     return Buffer(capacity) if capacity > 0 else None
 
@@ -50,8 +50,13 @@ class MER(Method):
     Hooks: ``observe`` (the whole step). Works on a task-free stream (no boundaries needed) and in every mode (the
     loss of each example uses its own task's mask).
 
-    Deviation: the order of the k examples of B_i is a random shuffle (the paper leaves it open). The memory is the
-    shared reservoir :class:`retain.buffers.Buffer` (``buffer_size`` 0 = no memory).
+    B_i is ordered as in the authors' code (``model/meralg1.py``, ``getBatch``): the current example first, then the
+    memories in the order they were drawn. The memory is the shared reservoir :class:`retain.buffers.Buffer`
+    (``buffer_size`` 0 = no memory).
+
+    Deviations: the k−1 memories of a batch are distinct (drawn without replacement); the authors' getBatch
+    reshuffles before each draw, so a memory can appear twice in one batch. ``replay_batch`` counts the current
+    example (k, as in Algorithm 1); the authors' ``--replay_batch_size`` counts only the memories (their k − 1).
     """
 
     beta: float = param(0.03, "within-batch Reptile meta-learning rate (β)")
@@ -75,10 +80,10 @@ class MER(Method):
             raise ConfigError("mer: batches_per_example and replay_batch must be >= 1")
         if self.buffer_size < 0 or self.alpha < 0:
             raise ConfigError("mer: buffer_size and alpha must be >= 0")
-        self.memory = memory(self.buffer_size)
+        self.buffer = reservoir(self.buffer_size)
 
-    def memory_estimate(self, scenario: Any) -> int:
-        return row_bytes(scenario) * self.buffer_size
+    def memory(self, scenario: Any) -> Memory:
+        return Memory.of(self.buffer_size, scenario)
 
     def observe(self, ctx: Any, batch: Batch) -> Tensor:
         params = [p for p in ctx.model.parameters() if p.requires_grad]
@@ -90,19 +95,18 @@ class MER(Method):
             for _ in range(self.batches_per_example):
                 start_w = [p.detach().clone() for p in params] if self.beta != 1.0 else []
                 rows = [current]
-                replay = replay_batch(self.memory, self.replay_batch - 1, ctx.rng)
+                replay = replay_batch(self.buffer, self.replay_batch - 1, ctx.rng)
                 if replay is not None:
                     rows += [Batch(replay.x[j:j + 1], replay.y[j:j + 1], replay.t[j:j + 1], replay.new[j:j + 1])
                              for j in range(len(replay))]
-                order = torch.randperm(len(rows), generator=ctx.rng).tolist() if len(rows) > 1 else [0]
-                for j in order:
-                    loss = self._sgd(ctx, params, rows[j], lr)
+                for j, row in enumerate(rows):  # the current example first, then the memories (authors' getBatch)
+                    loss = self._sgd(ctx, params, row, lr)
                     if j == 0 and len(losses) == i:
                         losses.append(loss)
                 _interpolate(params, start_w, self.beta)
             _interpolate(params, start_a, self.gamma)
-            if self.memory is not None:
-                self.memory.add(current.x, current.y, current.t, generator=ctx.rng)
+            if self.buffer is not None:
+                self.buffer.add(current.x, current.y, current.t, generator=ctx.rng)
         return torch.stack(losses).mean()
 
     def _sgd(self, ctx: Any, params: list[torch.nn.Parameter], row: Batch, lr: float) -> Tensor:
