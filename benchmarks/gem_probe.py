@@ -64,6 +64,7 @@ def main() -> int:
                               tasks=None, init="torch", lr=None)
     (c,) = rr.configs(spec)
     state = checkpoint.load(a.checkpoint)
+    state = state.get("state", state)  # a trainer checkpoint: {"format", "fingerprint", "state"}
     if "buffer" not in state["method"]:
         ap.error(f"--checkpoint {a.checkpoint} is not a GEM run (its method state has no memory)")
     gem = create("gem", c["params"])

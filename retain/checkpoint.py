@@ -1,11 +1,9 @@
-"""Checkpoints: a run's full state written atomically with a checksum, and read back only when it verifies.
+"""Checkpoints: a run's state written atomically with a checksum, and read back only when it verifies.
 
-What a checkpoint holds (see :func:`capture`): the model (the whole module, so structure a method grew — a PNN
-column, a PackNet mask — comes back too), the optimizer's state, the method's ``state_dict()`` (buffers, Fisher,
-Ω, generators...), every random number generator the run draws from (torch, the context's generator, NumPy,
-Python, CUDA), the position (task, step within the task, global step), the data the current task iterates, and
-the partial accuracy matrices and timings. The model and the method state are pickled in one ``torch.save`` call,
-so a method that keeps references to the model's parameters gets them back shared, not copied.
+A checkpoint holds one state dict, whatever its owner puts in it (the trainer's :meth:`~retain.trainer.Trainer.
+state_dict`: model, method state, optimizer, RNGs, position...), pickled in one ``torch.save`` call, so objects that
+share tensors come back sharing them. This module knows none of its keys: it adds only its own envelope (a format
+number and the fingerprint of the run's configuration) and checks both when reading.
 
 File format: ``RETAINCKPT1\\n`` + the SHA-256 of the payload (hex) + ``\\n`` + the payload. It is written to a
 temporary file in the same folder, flushed to disk, then renamed over the old one: a crash or a full disk while
@@ -17,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import random
 import signal
 import tempfile
 import threading
@@ -26,13 +23,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from retain.errors import RetainError
 
 MAGIC = b"RETAINCKPT1\n"
-FORMAT = 1
+FORMAT = 2  # of the envelope {"format", "fingerprint", "state"}; 1 kept the state's keys beside them
 
 
 class CheckpointError(RetainError):
@@ -87,25 +83,6 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
     return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=False)
 
 
-# ----------------------------------------------------------------------------------------------- RNG states
-
-def rng_state(ctx: Any) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "ctx": ctx.rng.get_state(), "numpy": np.random.get_state(),
-             "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(ctx: Any, state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    ctx.rng.set_state(state["ctx"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 # ----------------------------------------------------------------------------------------------- the policy
 
 def run_path(folder: str | os.PathLike, key: str) -> Path:
@@ -144,26 +121,26 @@ class Checkpointer:
         self.path, self.every, self.resume = Path(path), every, resume
         self.fingerprint, self.keep = fingerprint, keep
         self.interrupted = False
-        self.resumed_from: dict[str, Any] | None = None  # position of the checkpoint a run resumed from
+        self.resumed_from: dict[str, Any] | None = None  # where the run resumed (set by the trainer)
 
     def due(self, global_step: int) -> bool:
         return self.every is not None and global_step % self.every == 0
 
     def load(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+        """The state saved by :meth:`save`, or None when not resuming or there is no checkpoint yet."""
         if not (self.resume and self.path.exists()):
             return None
-        state = load(self.path, map_location)
-        if state.get("format") != FORMAT:
-            raise CheckpointError(f"checkpoint {self.path} has format {state.get('format')}, expected {FORMAT}; "
-                                  "delete it to start afresh")
-        if self.fingerprint and state.get("fingerprint") != self.fingerprint:
+        saved = load(self.path, map_location)
+        if saved.get("format") != FORMAT:
+            raise CheckpointError(f"checkpoint {self.path} has format {saved.get('format')}, but this version of "
+                                  f"retain reads format {FORMAT}; delete it to start the run afresh")
+        if self.fingerprint and saved.get("fingerprint") != self.fingerprint:
             raise CheckpointError(f"checkpoint {self.path} belongs to another configuration; delete it or "
                                   "resume with the configuration that wrote it")
-        self.resumed_from = dict(state["position"])
-        return state
+        return saved["state"]
 
     def save(self, state: dict[str, Any]) -> None:
-        save(self.path, {"format": FORMAT, "fingerprint": self.fingerprint, **state})
+        save(self.path, {"format": FORMAT, "fingerprint": self.fingerprint, "state": state})
 
     def finished(self) -> None:
         if not self.keep and self.path.exists():

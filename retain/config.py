@@ -238,6 +238,8 @@ def coerce(name: str, value: Any, where: str = "") -> Any:
         if out is None or not math.isfinite(out):
             raise bad("a finite number")
     elif k == "str":
+        if isinstance(value, os.PathLike):  # data_dir=Path(...) from the API
+            value = os.fspath(value)
         if not isinstance(value, str):
             raise bad("a string")
         out = value.strip()

@@ -1,9 +1,19 @@
-"""The training loop, the context methods see, and the evaluator that fills the full accuracy matrix.
+"""The training loop and the evaluator that fills the full accuracy matrix.
 
-For each task: ``begin_task`` -> (re)build the optimizer -> ``task_data`` -> batches -> ``observe`` ->
-``end_task`` -> evaluate every task's test set (unseen ones too). Before the first task the freshly initialised
-model is evaluated once: the baseline ``b`` that forward transfer needs. A task-free run feeds one stream of
-batches with no boundary calls and evaluates whenever a task's data has fully passed.
+:class:`Trainer` runs one experiment. Before the first task the freshly initialised model is evaluated once: the
+baseline ``b`` that forward transfer needs. Then, for each task: ``begin_task`` -> a fresh optimizer (given the
+state the last one had, unless ``reset_optimizer``) -> ``task_data`` -> its batches, one ``observe`` each ->
+``end_task`` -> every task's test set is evaluated (unseen ones too): row ``i`` of R. A task-free run feeds one
+stream of batches with no boundary calls and fills a row whenever a task's data has fully passed.
+
+Beside the maths, never inside it: a :class:`Clock` times training and evaluation at phase switches; the losses
+stay on the device (:class:`Losses`) and are read a block at a time, at progress draws (at most ten a second and
+at each task's end), at checkpoints and at evaluations, so no step waits for the device, and a non-finite loss
+still stops the run naming its task and step. A :class:`retain.checkpoint.Checkpointer` saves
+:meth:`Trainer.state_dict` and hands it back to :meth:`Trainer.load_state_dict` to resume exactly.
+
+The configuration is checked once, before (``config.resolve()``); the trainer checks only what depends on the
+machine it runs on: the device, and whether the method's memory fits.
 """
 
 from __future__ import annotations
@@ -11,20 +21,27 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from retain.checkpoint import Checkpointer, rng_state, set_rng_state
+from retain.checkpoint import Checkpointer, CheckpointError
+from retain.context import Context, masked
 from retain.errors import ConfigError, RetainError
 from retain.method import Method
 from retain.scenarios import Batch, Scenario, TaskData
 
-OPTIMIZERS = ("adam", "sgd")
+__all__ = ["Context", "Progress", "TrainConfig", "Trained", "Trainer", "TrainingError", "evaluate", "masked",
+           "resolve_device", "train"]
+
+READ_EVERY = 100  # steps between reads of the losses when nothing else reads them (a read waits for the device)
+DRAW_EVERY_S = 0.1  # the shortest time between two progress reports
 
 
 class TrainingError(RetainError):
@@ -39,7 +56,8 @@ class TrainingError(RetainError):
 
 @dataclass
 class TrainConfig:
-    """How each task is trained. ``iterations`` (steps per task), when set, replaces ``epochs``."""
+    """How each task is trained. ``iterations`` (steps per task), when set, replaces ``epochs``. Taken as it is:
+    the run's options are checked once, by ``retain.config.resolve()``, before a TrainConfig is made."""
 
     epochs: int = 1
     iterations: int | None = None
@@ -63,27 +81,9 @@ class TrainConfig:
     # classes still to come are pushed down; evaluation is over all classes either way.
     all_outputs: bool = False
 
-    def validate(self) -> None:
-        if self.epochs < 1 and self.iterations is None:
-            raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
-        if self.iterations is not None and self.iterations < 1:
-            raise ConfigError(f"iterations must be at least 1, got {self.iterations}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
-        if self.eval_batch_size < 1:
-            raise ConfigError(f"eval batch size must be at least 1, got {self.eval_batch_size}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"learning rate must be a positive number, got {self.lr}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        if not (self.momentum >= 0 and self.weight_decay >= 0 and math.isfinite(self.momentum + self.weight_decay)):
-            raise ConfigError(f"momentum and weight decay must be finite numbers >= 0, got {self.momentum} and "
-                              f"{self.weight_decay}")
-        if not 0.0 <= self.blurry < 1.0:
-            raise ConfigError(f"blurry must be in [0, 1), got {self.blurry}")
-
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device a ``--device`` name means here (auto: CUDA when present); a ConfigError if unusable."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -95,114 +95,6 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda asked for but no CUDA device is available; use --device cpu")
     return dev
-
-
-def masked(out: Tensor, mask: Tensor | None) -> Tensor:
-    """Logits with inactive outputs at -inf (so they get no probability and no gradient)."""
-    return out if mask is None else out.masked_fill(~mask, float("-inf"))
-
-
-@dataclass
-class Context:
-    """What a method sees: the model, the optimizer, the training view of the scenario, the current task."""
-
-    model: nn.Module
-    scenario: Scenario  # training view: no test set
-    config: TrainConfig
-    method: Method
-    device: torch.device
-    rng: torch.Generator  # the methods' own randomness (buffer sampling, Fisher labels...), CPU
-    seen: Tensor  # bool [n_outputs]: outputs of the classes trained so far (class-IL training mask)
-    task: int = 0
-    step: int = 0  # global step count
-    optimizer: torch.optim.Optimizer | None = None
-    warnings: list[str] = field(default_factory=list)
-
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """The method's forward (PNN and PackNet route by task); the one interface for training and evaluation."""
-        return self.method.forward(self, x, t)
-
-    def mask(self, t: Tensor | int) -> Tensor | None:
-        """The training mask for rows of task(s) ``t`` (class-IL with ``all_outputs``: none, every output)."""
-        return self.scenario.mask(t, None if self.config.all_outputs else self.seen)
-
-    def loss(self, out: Tensor, batch: Batch, reduction: str = "mean") -> Tensor:
-        """Mode-aware cross-entropy: logits masked as the scenario says (the same mask evaluation uses)."""
-        logits = masked(out, self.mask(batch.t if batch.task is None else batch.task))
-        return F.cross_entropy(logits, batch.y, reduction=reduction)
-
-    def make_optimizer(self, params: list[nn.Parameter] | None = None, lr: float | None = None
-                       ) -> torch.optim.Optimizer:
-        c = self.config
-        params = self.method.parameters(self.model) if params is None else params
-        lr = c.lr if lr is None else lr
-        if c.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=lr, momentum=c.momentum, weight_decay=c.weight_decay)
-        return torch.optim.Adam(params, lr=lr, betas=c.betas, weight_decay=c.weight_decay)
-
-    def batches(self, data: TaskData, epochs: int | None = None, iterations: int | None = None,
-                batch_size: int | None = None, seed: int | None = None, start: int = 0) -> Iterator[Batch]:
-        """Shuffled batches of ``data``: ``epochs`` passes, or exactly ``iterations`` steps (cycling passes).
-
-        The order of pass ``e`` comes from a generator seeded with ``(seed, e)``, so it can be regenerated;
-        ``start`` skips the first steps without building them (resuming a run mid-task).
-        """
-        bs = batch_size or self.config.batch_size
-        n = len(data)
-        if n == 0:
-            return
-        if iterations is None and epochs is None:
-            epochs, iterations = self.config.epochs, self.config.iterations
-        single = int(data.t[0]) if bool((data.t == data.t[0]).all()) else None
-        base = self.config.seed * 1_000_003 + self.task * 7919 if seed is None else seed
-        steps, epoch, skip = 0, 0, start
-        while True:
-            if iterations is None and epoch >= epochs:
-                return
-            g = torch.Generator().manual_seed(base + epoch)
-            perm = torch.randperm(n, generator=g).to(data.idx.device)
-            for begin in range(0, n, bs):
-                if iterations is not None and steps >= iterations:
-                    return
-                if steps >= skip:
-                    sel = perm[begin:begin + bs]
-                    yield self.scenario.batch(data.idx[sel], single if single is not None else data.t[sel])
-                steps += 1
-            epoch += 1
-
-    def fit(self, data: TaskData, epochs: int | None = None, optimizer: torch.optim.Optimizer | None = None,
-            iterations: int | None = None) -> None:
-        """Extra training on ``data`` with the method's own step (PackNet's retraining after pruning): ``epochs``
-        passes or exactly ``iterations`` steps, in an order of its own (seeded by the run's seed and the task)."""
-        if (epochs is None) == (iterations is None):
-            raise ValueError("Context.fit needs epochs or iterations, not both")
-        if optimizer is not None:
-            self.optimizer = optimizer
-        for batch in self.batches(data, epochs=epochs, iterations=iterations,
-                                  seed=self.config.seed * 31 + self.task + 10_000):
-            self.method.observe(self, batch)
-
-    def warn(self, message: str) -> None:
-        """A warning shown once and stored in the result."""
-        if message not in self.warnings:
-            self.warnings.append(message)
-
-
-def optimizer_states(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, dict]:
-    """The optimizer's per-parameter state keyed by parameter name (survives a method replacing the optimizer
-    or adding parameters, and a checkpoint)."""
-    if optimizer is None:
-        return {}
-    return {n: dict(optimizer.state[p]) for n, p in model.named_parameters() if p in optimizer.state}
-
-
-def carry_states(model: nn.Module, optimizer: torch.optim.Optimizer, states: dict[str, dict]) -> None:
-    """Give ``optimizer`` the saved state of each of its parameters that has one of matching shape."""
-    mine = {p for g in optimizer.param_groups for p in g["params"]}
-    for n, p in model.named_parameters():
-        s = states.get(n)
-        if p in mine and s and all(v.shape == p.shape for v in s.values() if torch.is_tensor(v) and v.dim() > 0):
-            optimizer.state[p] = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in s.items()}
 
 
 @torch.no_grad()
@@ -242,32 +134,21 @@ class Trained:
 Progress = Callable[[int, int, int, float], None]  # (task, step within task, steps in task, loss)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def optimizer_states(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, dict]:
+    """The optimizer's per-parameter state keyed by parameter name (survives a method replacing the optimizer
+    or adding parameters, and a checkpoint)."""
+    if optimizer is None:
+        return {}
+    return {n: dict(optimizer.state[p]) for n, p in model.named_parameters() if p in optimizer.state}
 
 
-def check_method(method: Method, mode: str, task_free: bool) -> None:
-    """Refuse a method in a mode it does not support, or on a task-free stream when it needs boundaries."""
-    if mode not in method.modes:
-        raise ConfigError(f"{method.name} does not support {mode}-IL; it supports "
-                          f"{', '.join(method.modes)} (use --mode {method.modes[0]})")
-    if task_free and method.needs_boundaries:
-        raise ConfigError(f"{method.name} needs task boundaries and cannot run on a task-free stream; "
-                          "drop --task-free or pick a method that works without boundaries")
-
-
-def check_pairing(method: Method, scenario: Scenario, config: TrainConfig) -> None:
-    """Refuse, before any training, a method in a mode it does not support or a task-free run it cannot do."""
-    check_method(method, scenario.mode, config.task_free)
-    check_all_outputs(config.all_outputs, scenario.mode)
-
-
-def check_all_outputs(all_outputs: bool, mode: str) -> None:
-    """``all_outputs`` changes only the class-IL training mask; elsewhere it would be silently ignored."""
-    if all_outputs and mode != "class":
-        raise ConfigError(f"all_outputs (--all-outputs) is for class-IL: in {mode}-IL the training outputs are "
-                          f"fixed by the mode; drop it or use --mode class")
+def carry_states(model: nn.Module, optimizer: torch.optim.Optimizer, states: dict[str, dict]) -> None:
+    """Give ``optimizer`` the saved state of each of its parameters that has one of matching shape."""
+    mine = {p for g in optimizer.param_groups for p in g["params"]}
+    for n, p in model.named_parameters():
+        s = states.get(n)
+        if p in mine and s and all(v.shape == p.shape for v in s.values() if torch.is_tensor(v) and v.dim() > 0):
+            optimizer.state[p] = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in s.items()}
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -297,185 +178,310 @@ def _size(n: float) -> str:
 
 
 def check_memory(method: Method, scenario: Scenario, device: torch.device) -> None:
-    """Refuse, before any training, a method whose memory (``Method.memory_estimate``) cannot fit on ``device``."""
-    need = method.memory_estimate(scenario)
-    if need <= 0:
+    """Refuse, before any training, a method whose memory (``Method.memory``) cannot fit on ``device``."""
+    memory = method.memory(scenario)
+    if memory.bytes <= 0:
         return
     free = available_memory(device)
-    if free is not None and need > free:
-        memory = ", ".join(f"{k}={v}" for k, v in method.params().items()
-                           if any(h in k for h in ("buffer", "memory", "per_class"))) or "its memory size"
-        raise ConfigError(f"{method.name} would need about {_size(need)} for its memory ({memory}) but only "
-                          f"{_size(free)} is available on {device.type}; lower it")
+    if free is not None and memory.bytes > free:
+        raise ConfigError(f"{method.name} would need about {_size(memory.bytes)} for its memory ({memory.rows} "
+                          f"stored rows) but only {_size(free)} is available on {device.type}; lower its memory "
+                          "size (see `retain methods`)")
+
+
+# ------------------------------------------------------------------------------------------ beside the maths
+
+class Clock:
+    """Seconds per phase (``train_s``, ``eval_s``): a phase runs from one :meth:`switch` to the next. On CUDA a
+    switch waits for the queued kernels, so their time lands in the phase that queued them; nothing else waits."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds = device, {"train_s": 0.0, "eval_s": 0.0}
+        self.phase: str | None = None
+        self.since = 0.0
+
+    def switch(self, phase: str | None) -> str | None:
+        """End the current phase, start ``phase`` (None: no clock runs); return the phase that ended."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        if self.phase is not None:
+            self.seconds[self.phase] += now - self.since
+        previous, self.phase, self.since = self.phase, phase, now
+        return previous
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str | None) -> Iterator[None]:
+        """``with clock("eval_s"):`` time the block as ``phase``, then go back to the phase that was running."""
+        previous = self.switch(phase)
+        try:
+            yield
+        finally:
+            self.switch(previous)
+
+
+class Losses:
+    """The step losses, kept on the device that computed them and read back a block at a time (one sync per
+    block, none per step). A read raises :class:`TrainingError` at the block's first non-finite loss, naming its
+    task and step exactly."""
+
+    def __init__(self, device: torch.device, size: int = READ_EVERY):
+        self.values = torch.zeros(size, device=device)
+        self.slots = self.values.unbind()  # one view per step, made once
+        self.where: list[tuple[int, int, int]] = []  # (task, step within the task, global step) of each value
+        self.last = math.nan  # the latest loss read
+
+    def add(self, loss: Tensor | float, where: tuple[int, int, int]) -> bool:
+        """Keep ``loss`` (no read); True when the block is full and should be read."""
+        loss = loss.detach() if isinstance(loss, Tensor) else torch.tensor(float(loss))
+        self.slots[len(self.where)].copy_(loss.reshape(()) if loss.dim() else loss)
+        self.where.append(where)
+        return len(self.where) == len(self.slots)
+
+    def read(self) -> float:
+        """Check the losses kept since the last read; return the latest one."""
+        if self.where:
+            values = self.values[:len(self.where)].tolist()
+            for value, (task, step, global_step) in zip(values, self.where):
+                if not math.isfinite(value):
+                    raise TrainingError(f"loss became {value} at task {task}, step {step} (global step "
+                                        f"{global_step}); lower --lr or the method's strength", task, global_step)
+            self.last = values[-1]
+            self.where.clear()
+        return self.last
+
+
+def _rng_state(ctx_rng: torch.Generator) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "ctx": ctx_rng.get_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(ctx_rng: torch.Generator, state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    ctx_rng.set_state(state["ctx"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------------------- the loop
+
+class Trainer:
+    """One run of ``method`` on ``scenario``: the task loop or the stream loop, one step, the rows of R.
+
+    Its position is ``(task, task_step)``: the next step to take (of the stream when task-free). ``data`` is what
+    the current task iterates once it has begun (None at a boundary); ``carry`` the optimizer's state by
+    parameter name when a run resumes at a boundary. :meth:`state_dict` holds everything a resume needs.
+    """
+
+    FORMAT = 2  # of state_dict(); bump it when the layout changes (older checkpoints are then refused)
+
+    def __init__(self, scenario: Scenario, method: Method, model: nn.Module, config: TrainConfig,
+                 progress: Progress | None = None, checkpointer: Checkpointer | None = None):
+        self.device = resolve_device(config.device)
+        check_memory(method, scenario, self.device)  # the free memory is known only now, on this machine
+        self.scenario = scenario.to(self.device)
+        self.view = self.scenario.train_view()
+        self.method, self.config, self.progress, self.checkpointer = method, config, progress, checkpointer
+        self.ctx = Context(model.to(self.device), self.view, config, method, self.device,
+                           torch.Generator().manual_seed(config.seed + 17),
+                           torch.zeros(scenario.n_outputs, dtype=torch.bool, device=self.device))
+        T = scenario.n_tasks
+        self.R = [[math.nan] * T for _ in range(T)]
+        self.V = [[math.nan] * T for _ in range(T)] if config.evaluate_val else None
+        self.baseline: list[float] = []
+        self.task, self.task_step = 0, 0
+        self.data: TaskData | None = None
+        self.carry: dict[str, dict] | None = None
+        self.clock, self.losses, self.drawn = Clock(self.device), Losses(self.device), 0.0
+
+    def run(self) -> Trained:
+        """Resume from the checkpoint if there is one (else evaluate the untrained model: b), then train."""
+        saved = self.checkpointer.load(self.device) if self.checkpointer is not None else None
+        if saved is not None:
+            self.load_state_dict(saved)
+            self.checkpointer.resumed_from = self.position()
+        else:
+            with self.clock("eval_s"):
+                self.baseline = evaluate(self.ctx, self.scenario)
+        guard = self.checkpointer.guard() if self.checkpointer is not None else contextlib.nullcontext()
+        try:
+            with guard:
+                self.train_stream() if self.config.task_free else self.train_tasks()
+        except Exception as e:
+            if not isinstance(e, TrainingError):
+                self.losses.read()  # a loss that went non-finite before the failure is its cause
+            raise
+        return Trained(self.R, self.baseline, dict(self.clock.seconds), list(self.ctx.warnings), self.V)
+
+    def train_tasks(self) -> None:
+        """Each task in turn: begin it (unless resumed inside it), its steps, ``end_task``, a row of R, and a
+        checkpoint at the boundary."""
+        ctx, c, T = self.ctx, self.config, self.scenario.n_tasks
+        for task in range(self.task, T):
+            self.task = ctx.task = task
+            if self.scenario.mode == "class":
+                ctx.seen |= self.scenario.task_out[task]
+            with self.clock("train_s"):
+                if self.data is None:
+                    self.begin_task(task)
+                n_steps = c.iterations or c.epochs * math.ceil(len(self.data) / c.batch_size)
+                for batch in ctx.batches(self.data, start=self.task_step):
+                    self.step(batch, n_steps)
+                    self.maybe_checkpoint()
+                self.report(n_steps, final=True)
+                self.method.end_task(ctx)
+            self.evaluate_row(task)
+            self.check_learned(task)
+            self.task, self.task_step, self.data = task + 1, 0, None
+            if task + 1 < T and self.checkpointer is not None:
+                self.checkpoint()
+
+    def train_stream(self) -> None:
+        """Task-free: one stream of batches and no boundary calls; a row of R once a task's data has all passed."""
+        ctx, c = self.ctx, self.config
+        if ctx.optimizer is None:
+            ctx.optimizer = ctx.make_optimizer()
+        stream = list(self.view.stream(c.batch_size, torch.Generator().manual_seed(c.seed), c.blurry))
+        last_task = torch.stack([t[-1] for _, t, _ in stream]).tolist()  # read once, not once per step
+        rows = sum(not math.isnan(row[0]) for row in self.R)  # rows filled (before a resume)
+        with self.clock("train_s"):
+            for i in range(self.task_step, len(stream)):
+                idx, t, done = stream[i]
+                self.task = ctx.task = last_task[i]
+                if self.scenario.mode == "class":
+                    ctx.seen |= self.scenario.task_out[t].any(0)
+                self.step(self.view.batch(idx, t), len(stream))
+                while rows < done:
+                    self.evaluate_row(rows)
+                    rows += 1
+                self.maybe_checkpoint()
+            self.report(len(stream), final=True)
+
+    def begin_task(self, task: int) -> None:
+        """``begin_task``, then a fresh optimizer over what the method trains now, given the state its parameters
+        had in the last one (unless ``reset_optimizer``), then the task's data (``task_data``)."""
+        ctx = self.ctx
+        carry = None if self.config.reset_optimizer else self.carried()
+        self.method.begin_task(ctx)
+        ctx.optimizer = ctx.make_optimizer()
+        if carry:
+            carry_states(ctx.model, ctx.optimizer, carry)
+        self.carry, self.task_step = None, 0
+        self.data = self.method.task_data(ctx, self.view.task_data(task))
+
+    def carried(self) -> dict[str, dict]:
+        """The optimizer's state by parameter name: what the next task's optimizer starts from."""
+        if self.ctx.optimizer is None:
+            return self.carry or {}
+        return optimizer_states(self.ctx.model, self.ctx.optimizer)
+
+    def step(self, batch: Batch, n_steps: int) -> None:
+        """One step of the method; its loss stays on the device until a read (a full block, a progress draw)."""
+        loss = self.method.observe(self.ctx, batch)
+        self.ctx.step += 1
+        if self.losses.add(loss, (self.ctx.task, self.task_step, self.ctx.step)):
+            self.losses.read()
+        self.task_step += 1
+        if self.progress is not None and self.task_step < n_steps:  # the task's end draws anyway
+            self.report(n_steps)
+
+    def report(self, n_steps: int, final: bool = False) -> None:
+        """Read the losses and draw progress: at most every ``DRAW_EVERY_S`` seconds, and at the task's end."""
+        now = time.monotonic()
+        if final or now - self.drawn >= DRAW_EVERY_S:
+            loss = self.losses.read()
+            if self.progress is not None:
+                self.progress(self.ctx.task, self.task_step, n_steps, loss)
+            self.drawn = now
+
+    def evaluate_row(self, i: int) -> None:
+        """Row ``i`` of R (and of the validation matrix): every task's accuracy now that task ``i`` is trained."""
+        self.losses.read()
+        with self.clock("eval_s"):
+            self.R[i] = evaluate(self.ctx, self.scenario)
+            if self.V is not None:
+                self.V[i] = evaluate(self.ctx, self.scenario, "val")
+
+    def check_learned(self, task: int) -> None:
+        """Warn when the task just trained is no better than a constant guess: a run can collapse (dead units,
+        a step too large) while its loss stays finite, and nothing else would say so."""
+        sc, acc = self.scenario, self.R[task][task]
+        idx = sc.tasks[task].test_idx
+        if (sc.y_test is None or len(idx) == 0 or math.isnan(acc)
+                or any("was not learned" in w for w in self.ctx.warnings)):  # the first such task says it
+            return
+        constant = float(torch.bincount(sc.y_test[idx]).max()) / len(idx)
+        if acc <= constant + 0.01:
+            self.ctx.warn(f"task {task} was not learned: {acc:.1%} test accuracy right after training on it, "
+                          f"no better than always answering its most frequent class ({constant:.1%}): the "
+                          "training collapsed (try a lower learning rate) or was too short")
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def maybe_checkpoint(self) -> None:
+        """Checkpoint when due or when Ctrl-C asked to stop (then stop, with nothing lost)."""
+        ck = self.checkpointer
+        if ck is not None and (ck.due(self.ctx.step) or ck.interrupted):
+            self.checkpoint()
+            if ck.interrupted:
+                raise KeyboardInterrupt
+
+    def checkpoint(self) -> None:
+        """Save :meth:`state_dict` (after checking the losses: a diverged run is not saved); not timed."""
+        self.losses.read()
+        with self.clock(None):
+            self.checkpointer.save(self.state_dict())
+
+    def position(self) -> dict[str, int]:
+        return {"task": self.task, "task_step": self.task_step, "step": self.ctx.step}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs. The whole model object (structure a method grew comes back too) and the
+        method's state go into one pickle, so references a method keeps to the parameters come back shared.
+        Inside a task (or a stream) the optimizer's own state; at a boundary, where ``begin_task`` may change
+        the parameters, only its state by parameter name, for the next task's optimizer to carry."""
+        ctx, inside = self.ctx, self.config.task_free or self.data is not None
+        return {"format": self.FORMAT, "position": self.position(), "model": ctx.model,
+                "method": self.method.state_dict(),
+                "optimizer": ctx.optimizer.state_dict() if inside and ctx.optimizer is not None else None,
+                "optimizer_carry": None if inside or self.config.reset_optimizer else self.carried(),
+                "seen": ctx.seen, "data": self.data, "rng": _rng_state(ctx.rng), "R": self.R, "V": self.V,
+                "baseline": self.baseline, "timings": dict(self.clock.seconds), "warnings": list(ctx.warnings)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`: the optimizer is rebuilt over the restored model's parameters and
+        given its state; the RNGs are set last, after anything that draws."""
+        if state.get("format") != self.FORMAT:
+            raise CheckpointError(f"this checkpoint holds a trainer state of format {state.get('format')}, but "
+                                  f"this version reads format {self.FORMAT}; delete it to start the run afresh")
+        ctx = self.ctx
+        ctx.model = state["model"].to(self.device)
+        self.method.load_state_dict(state["method"])
+        ctx.seen = state["seen"].to(self.device)
+        self.task, self.task_step, ctx.step = (state["position"][k] for k in ("task", "task_step", "step"))
+        ctx.task, ctx.warnings = self.task, list(state["warnings"])
+        self.R, self.baseline, self.clock.seconds = state["R"], state["baseline"], dict(state["timings"])
+        if self.V is not None and state["V"] is not None:
+            self.V = state["V"]
+        self.data, self.carry, ctx.optimizer = state["data"], state["optimizer_carry"], None
+        if state["optimizer"] is not None:
+            ctx.optimizer = ctx.make_optimizer()
+            ctx.optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(ctx.rng, state["rng"])
 
 
 def train(scenario: Scenario, method: Method, model: nn.Module, config: TrainConfig,
           progress: Progress | None = None, checkpointer: Checkpointer | None = None) -> Trained:
     """Train ``model`` with ``method`` on every task of ``scenario`` in turn; fill R and b.
 
-    The model should be created after seeding (``torch.manual_seed(config.seed)``) for a reproducible run;
-    :func:`retain.api.run` does that. With a ``checkpointer`` the full state is saved at every task boundary
-    (and every ``checkpointer.every`` steps), and a run with a checkpoint to resume from continues where it
-    stopped: the same batches, the same random draws, the same final matrix as an uninterrupted run.
+    The configuration is trusted: ``config.resolve()`` has checked it, and the method's pairing with the
+    scenario, once before. The model should be created after seeding (``torch.manual_seed(config.seed)``) for a
+    reproducible run; :func:`retain.api.run` does that. With a ``checkpointer`` the full state is saved at every
+    task boundary (and every ``checkpointer.every`` steps), and a run with a checkpoint to resume from continues
+    where it stopped: the same batches, the same random draws, the same final matrix as an uninterrupted run.
     """
-    config.validate()
-    check_pairing(method, scenario, config)
-    device = resolve_device(config.device)
-    check_memory(method, scenario, device)
-    scenario = scenario.to(device)
-    model.to(device)
-    view = scenario.train_view()
-    ctx = Context(model, view, config, method, device, torch.Generator().manual_seed(config.seed + 17),
-                  torch.zeros(scenario.n_outputs, dtype=torch.bool, device=device))
-    T = scenario.n_tasks
-    R = [[math.nan] * T for _ in range(T)]
-    V = [[math.nan] * T for _ in range(T)] if config.evaluate_val else None
-    clock = {"train_s": 0.0, "eval_s": 0.0}
-    saved = checkpointer.load(device) if checkpointer is not None else None
-
-    mark = time.perf_counter()  # when the training time not yet in clock["train_s"] started
-
-    def lap() -> None:
-        """Add the training time since the mark to the clock and move the mark to now."""
-        nonlocal mark
-        _sync(device)
-        now = time.perf_counter()
-        clock["train_s"] += now - mark
-        mark = now
-
-    def evaluate_row(i: int) -> None:
-        _sync(device)
-        t0 = time.perf_counter()
-        R[i] = evaluate(ctx, scenario)
-        if V is not None:
-            V[i] = evaluate(ctx, scenario, "val")
-        _sync(device)
-        clock["eval_s"] += time.perf_counter() - t0
-
-    def check_learned(task: int) -> None:
-        """Warn when the task just trained is no better than a constant guess: a run can collapse (dead units,
-        a step too large) while its loss stays finite, and nothing else would say so."""
-        idx = scenario.tasks[task].test_idx
-        if (scenario.y_test is None or len(idx) == 0 or math.isnan(R[task][task])
-                or any("was not learned" in w for w in ctx.warnings)):  # the first such task says it
-            return
-        constant = float(torch.bincount(scenario.y_test[idx]).max()) / len(idx)
-        if R[task][task] <= constant + 0.01:
-            ctx.warn(f"task {task} was not learned: {R[task][task]:.1%} test accuracy right after training on it, "
-                     f"no better than always answering its most frequent class ({constant:.1%}): the training "
-                     "collapsed (try a lower learning rate) or was too short")
-
-    def checkpoint(task: int, task_step: int, data: TaskData | None, boundary: bool = False) -> None:
-        """Position ``(task, task_step)``: the next step to take; ``data`` is what the task iterates. At a task
-        boundary the optimizer is rebuilt anyway (``begin_task`` may change the parameters), so only its state
-        by parameter name is kept, for the next task to carry."""
-        if checkpointer is None:
-            return
-        if not boundary:  # mid-task: the task's training time so far goes into the checkpoint too
-            lap()
-        checkpointer.save({
-            "position": {"task": task, "task_step": task_step, "step": ctx.step},
-            "model": ctx.model, "method": method.state_dict(),
-            "optimizer": None if boundary or ctx.optimizer is None else ctx.optimizer.state_dict(),
-            "optimizer_carry": optimizer_states(ctx.model, ctx.optimizer)
-            if boundary and not config.reset_optimizer else None,
-            "seen": ctx.seen, "data": data, "rng": rng_state(ctx), "R": R, "V": V, "baseline": baseline,
-            "timings": dict(clock), "warnings": list(ctx.warnings)})
-
-    def step(batch: Batch, task_step: int, n_steps: int) -> None:
-        loss = method.observe(ctx, batch)
-        ctx.step += 1
-        value = float(loss)
-        if not math.isfinite(value):
-            raise TrainingError(f"loss became {value} at task {ctx.task}, step {task_step} "
-                                f"(global step {ctx.step}); lower --lr or the method's strength",
-                                ctx.task, ctx.step)
-        if progress is not None:
-            progress(ctx.task, task_step + 1, n_steps, value)
-
-    def after_step(task_step: int, data: TaskData | None) -> None:
-        """Checkpoint when due or when Ctrl-C asked to stop (then stop, with nothing lost)."""
-        if checkpointer is None:
-            return
-        if checkpointer.due(ctx.step) or checkpointer.interrupted:
-            checkpoint(ctx.task, task_step, data)
-        if checkpointer.interrupted:
-            raise KeyboardInterrupt
-
-    start_task, start_step, data, carry = 0, 0, None, None
-    if saved is None:
-        t0 = time.perf_counter()
-        baseline = evaluate(ctx, scenario)
-        clock["eval_s"] += time.perf_counter() - t0
-    else:
-        # The whole model object comes back (structure a method added included); the optimizer is rebuilt
-        # over its parameters and given its saved state; the RNGs are set last, after anything that draws.
-        ctx.model = model = saved["model"].to(device)
-        method.load_state_dict(saved["method"])
-        ctx.seen = saved["seen"].to(device)
-        ctx.step = saved["position"]["step"]
-        ctx.warnings = list(saved["warnings"])
-        R[:], baseline, clock = saved["R"], saved["baseline"], dict(saved["timings"])
-        if V is not None and saved["V"] is not None:
-            V[:] = saved["V"]
-        start_task, start_step, data = saved["position"]["task"], saved["position"]["task_step"], saved["data"]
-        carry = saved.get("optimizer_carry")
-        if saved["optimizer"] is not None:
-            ctx.task = start_task
-            ctx.optimizer = ctx.make_optimizer()
-            ctx.optimizer.load_state_dict(saved["optimizer"])
-        set_rng_state(ctx, saved["rng"])
-
-    guard = checkpointer.guard() if checkpointer is not None else contextlib.nullcontext()
-    with guard:
-        if config.task_free:
-            if saved is None:
-                ctx.optimizer = ctx.make_optimizer()
-            g = torch.Generator().manual_seed(config.seed)
-            n_steps = math.ceil(sum(len(t.train_idx) for t in scenario.tasks) / config.batch_size)
-            done_rows = sum(1 for row in R if not math.isnan(row[0])) if saved is not None else 0
-            mark = time.perf_counter()
-            for i, (idx, t, done) in enumerate(view.stream(config.batch_size, g, config.blurry)):
-                if i < start_step:  # resuming: these steps were taken before the checkpoint
-                    continue
-                ctx.task = int(t[-1])
-                if scenario.mode == "class":
-                    ctx.seen |= scenario.task_out[t].any(0)
-                step(view.batch(idx, t), i, n_steps)
-                while done_rows < done:
-                    lap()
-                    evaluate_row(done_rows)
-                    done_rows += 1
-                    mark = time.perf_counter()
-                after_step(i + 1, None)
-            lap()
-        else:
-            for task in range(start_task, T):
-                ctx.task = task
-                if scenario.mode == "class":
-                    ctx.seen |= scenario.task_out[task]
-                _sync(device)
-                mark = time.perf_counter()
-                mid_task = data is not None and task == start_task
-                if not mid_task:
-                    if ctx.optimizer is not None and not config.reset_optimizer:
-                        carry = optimizer_states(ctx.model, ctx.optimizer)
-                    method.begin_task(ctx)
-                    ctx.optimizer = ctx.make_optimizer()
-                    if carry and not config.reset_optimizer:
-                        carry_states(ctx.model, ctx.optimizer, carry)
-                    carry = None
-                    data = method.task_data(ctx, view.task_data(task))
-                first = start_step if mid_task else 0
-                n_steps = config.iterations or config.epochs * math.ceil(len(data) / config.batch_size)
-                for i, batch in enumerate(ctx.batches(data, start=first), start=first):
-                    step(batch, i, n_steps)
-                    after_step(i + 1, data)
-                method.end_task(ctx)
-                lap()
-                evaluate_row(task)
-                check_learned(task)
-                data = None
-                if task + 1 < T:
-                    checkpoint(task + 1, 0, None, boundary=True)
-    return Trained(R, baseline, dict(clock), list(ctx.warnings), V)
+    return Trainer(scenario, method, model, config, progress, checkpointer).run()

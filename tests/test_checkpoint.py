@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,6 +22,14 @@ from retain.checkpoint import Checkpointer, CheckpointError
 from retain.store import Store
 
 FAST = {"benchmark": "split-digits", "epochs": 2, "n_tasks": 3}
+
+
+def fast(**extra):
+    """FAST with ``extra`` over it (a task-free stream makes one pass: no epochs)."""
+    kw = {**FAST, **extra}
+    if kw.get("task_free"):
+        del kw["epochs"]
+    return kw
 
 
 class Recording(Checkpointer):
@@ -40,16 +49,16 @@ class Recording(Checkpointer):
 @pytest.mark.parametrize("method,extra", [("er", {}), ("ewc", {}), ("er", {"task_free": True})])
 def test_resume_from_any_checkpoint_gives_the_same_matrix(tmp_path, method, extra):
     torch.set_num_threads(1)
-    plain = retain.run(method=method, **FAST, **extra)
+    plain = retain.run(method=method, **fast(**extra))
     rec = Recording(tmp_path / "run.ckpt", every=7)
-    with_ckpt = retain.run(method=method, checkpointer=rec, **FAST, **extra)
+    with_ckpt = retain.run(method=method, checkpointer=rec, **fast(**extra))
     assert with_ckpt.accuracy_matrix == plain.accuracy_matrix  # checkpointing changes nothing
     assert len(rec.copies) >= 4
     picks = {rec.copies[1], rec.copies[len(rec.copies) // 2], rec.copies[-1]}
     positions = set()
     for copy in picks:
         ck = Checkpointer(copy, every=7, resume=True, keep=True)
-        resumed = retain.run(method=method, checkpointer=ck, **FAST, **extra)
+        resumed = retain.run(method=method, checkpointer=ck, **fast(**extra))
         positions.add((ck.resumed_from["task"], ck.resumed_from["task_step"]))
         assert resumed.accuracy_matrix == plain.accuracy_matrix, ck.resumed_from
         assert resumed.baseline == plain.baseline
@@ -60,8 +69,8 @@ def test_resume_from_any_checkpoint_gives_the_same_matrix(tmp_path, method, extr
 def test_checkpoint_carries_the_training_time_of_the_unfinished_task(tmp_path, extra):
     """A mid-task checkpoint holds the training time up to its step, so a resumed run loses none of it."""
     rec = Recording(tmp_path / "run.ckpt", every=7)
-    retain.run(method="er", checkpointer=rec, **FAST, **extra)
-    states = [checkpoint.load(c) for c in rec.copies]
+    retain.run(method="er", checkpointer=rec, **fast(**extra))
+    states = [checkpoint.load(c)["state"] for c in rec.copies]
     first = states[0]
     assert first["position"]["step"] == 7 and first["position"]["task"] == 0  # 7 steps into the first task
     assert first["timings"]["train_s"] > 0
@@ -70,7 +79,7 @@ def test_checkpoint_carries_the_training_time_of_the_unfinished_task(tmp_path, e
     for a, b, sa, sb in zip(times, times[1:], steps, steps[1:]):
         assert sb == sa or b > a  # every checkpoint after more steps holds more training time
     ck = Checkpointer(rec.copies[len(rec.copies) // 2], every=7, resume=True, keep=True)
-    resumed = retain.run(method="er", checkpointer=ck, **FAST, **extra)
+    resumed = retain.run(method="er", checkpointer=ck, **fast(**extra))
     assert resumed.timings["train_s"] > times[len(rec.copies) // 2]
 
 
@@ -145,13 +154,13 @@ def test_sigkill_mid_task_then_resume_equals_uninterrupted(tmp_path):
         (rec,) = s.runs()
         assert rec["status"] == "running"  # killed, never finished
     (ck,) = ckdir.glob("*.ckpt")
-    position = checkpoint.load(ck)["position"]
+    position = checkpoint.load(ck)["state"]["position"]
     assert position["step"] > 0
 
     out = subprocess.run(_retain(*common, "--store", str(db), "--resume", "--json", str(tmp_path / "resumed.json")),
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "resumed from the checkpoint" in out.stderr
+    assert re.search(r"resumed from (its|the) checkpoint at task \d+, step \d+", out.stderr), out.stderr
     torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1)
     plain = retain.run(benchmark="split-digits", method="er", epochs=12, seed=1).to_dict()
     resumed = json.loads((tmp_path / "resumed.json").read_text())
@@ -179,14 +188,14 @@ def test_experiments_resume_unfinished_runs_automatically(tmp_path, monkeypatch)
     with Store(tmp_path / "s.db") as s:
         with pytest.raises(KeyboardInterrupt):
             run_jobs([job], s, quiet=True, checkpoint_every=5)
-        assert s.get(job.hash)["status"] == "running"
+        assert s.get(job.hash)["status"] != "done"  # interrupted, not finished
         assert (checkpoint_dir(s) / f"{job.hash}.ckpt").exists()
         monkeypatch.setattr(Checkpointer, "save", save)
         resumed_from = []
 
         def spy(self, map_location="cpu"):
             state = load(self, map_location)
-            resumed_from.append(self.resumed_from)
+            resumed_from.append(state["position"] if state is not None else None)
             return state
 
         monkeypatch.setattr(Checkpointer, "load", spy)
@@ -195,3 +204,67 @@ def test_experiments_resume_unfinished_runs_automatically(tmp_path, monkeypatch)
     torch.set_num_threads(1)
     plain = retain.run(job.config)
     assert rec["status"] == "done" and rec["accuracy_matrix"] == plain.accuracy_matrix
+
+
+@pytest.mark.parametrize("method,extra", [("ewc", {}), ("er", {"reset_optimizer": True}),
+                                          ("er", {"optimizer": "sgd", "momentum": 0.9, "lr": 0.01})])
+def test_resume_at_a_task_boundary_gives_the_same_matrix(tmp_path, method, extra):
+    """At a boundary the optimizer is not saved (``begin_task`` may change the parameters) but its state by
+    parameter name is, for the next task's optimizer to carry (Adam's moments, SGD's momentum), unless reset."""
+    torch.set_num_threads(1)
+    plain = retain.run(method=method, **FAST, **extra)
+    rec = Recording(tmp_path / "run.ckpt")  # no `every`: the boundaries only
+    assert retain.run(method=method, checkpointer=rec, **FAST, **extra).accuracy_matrix == plain.accuracy_matrix
+    states = [checkpoint.load(c)["state"] for c in rec.copies]
+    assert [s["position"]["task"] for s in states] == [1, 2] and all(s["data"] is None for s in states)
+    assert all(s["optimizer"] is None for s in states)
+    assert all((s["optimizer_carry"] is None) == ("reset_optimizer" in extra) for s in states)
+    for copy in rec.copies:
+        ck = Checkpointer(copy, resume=True, keep=True)
+        assert retain.run(method=method, checkpointer=ck, **FAST, **extra).accuracy_matrix == plain.accuracy_matrix
+        assert ck.resumed_from["task_step"] == 0
+
+
+def test_a_checkpoint_of_an_older_format_is_refused_with_a_clear_error(tmp_path):
+    """Format 1 kept the trainer's keys beside the envelope's; such a file is refused, never half-read."""
+    path = tmp_path / "old.ckpt"
+    checkpoint.save(path, {"format": 1, "fingerprint": "", "position": {"task": 1, "task_step": 0, "step": 9}})
+    with pytest.raises(CheckpointError, match="has format 1, but this version of retain reads format 2; delete it"):
+        retain.run(method="er", checkpointer=Checkpointer(path, resume=True), **FAST)
+    Checkpointer(path).save({"format": 1, "position": {}})  # today's envelope around an older trainer state
+    with pytest.raises(CheckpointError, match="trainer state of format 1.*delete it"):
+        retain.run(method="er", checkpointer=Checkpointer(path, resume=True), **FAST)
+
+
+def test_trainer_state_round_trips():
+    """``load_state_dict(state_dict())`` into a fresh trainer gives back the same state, key by key."""
+    from retain.method import create
+    from retain.models import MLP
+    from retain.trainer import TrainConfig, Trainer
+
+    from .conftest import tiny_split
+
+    sc, config = tiny_split("class", n_tasks=2), TrainConfig(iterations=3, batch_size=8)
+
+    def trainer():
+        torch.manual_seed(0)
+        return Trainer(sc, create("er", {"buffer_size": 8}), MLP(8, sc.n_outputs, (4,)), config)
+
+    first = trainer()
+    first.run()
+    first.data = first.view.task_data(1)  # as if inside task 1: the optimizer itself is kept
+    state = first.state_dict()
+    second = trainer()
+    second.load_state_dict(state)
+    again = second.state_dict()
+    assert set(again) == set(state)
+    for key in ("format", "position", "R", "baseline", "timings", "warnings", "optimizer_carry"):
+        assert again[key] == state[key], key
+    assert torch.equal(again["seen"], state["seen"]) and torch.equal(again["data"].idx, state["data"].idx)
+    assert again["optimizer"]["state"].keys() == state["optimizer"]["state"].keys()
+    for k, s in state["optimizer"]["state"].items():
+        assert all(torch.equal(s[n], again["optimizer"]["state"][k][n]) for n in s)
+    assert all(torch.equal(a, b) for a, b in zip(again["model"].parameters(), state["model"].parameters()))
+    assert torch.equal(again["method"]["buffer"].x, state["method"]["buffer"].x)
+    assert all(torch.equal(torch.as_tensor(again["rng"][k]), torch.as_tensor(state["rng"][k]))
+               for k in ("torch", "ctx"))

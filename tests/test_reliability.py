@@ -189,7 +189,7 @@ def test_buffer_larger_than_memory_is_refused_before_training_with_the_estimate(
     monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: evaluated.append(1) or [0.0, 0.0])
     code, _, err = cli(capsys, "run", "--method", "er", "--param", "buffer_size=1000000000000", *TINY)
     line = one_line(err)
-    assert code == 2 and "er would need about" in line and "TiB" in line and "buffer_size=1000000000000" in line
+    assert code == 2 and "er would need about" in line and "TiB" in line and "(1000000000000 stored rows)" in line
     assert not evaluated  # refused before even the baseline evaluation
     # the same check whatever the machine: a small buffer against a machine with 1 MiB free
     monkeypatch.setattr(trainer, "available_memory", lambda device: 2**20)
@@ -367,12 +367,12 @@ def test_sigint_checkpoints_and_exits_130_then_resume_under_a_full_disk_then_res
     assert proc.returncode == 130, err
     assert "interrupted; the checkpoint is saved: rerun the same command to continue" in one_line(err)
     (ck,) = ckdir.glob("*.ckpt")
-    saved = checkpoint.load(ck)["position"]
+    saved = checkpoint.load(ck)["state"]["position"]
     assert saved["step"] > 0
     digest = hashlib.sha256(ck.read_bytes()).hexdigest()
     with Store(tmp_path / "i.db") as s:
         (rec,) = s.runs()
-        assert rec["status"] == "failed" and "--resume" in rec["error"]
+        assert rec["status"] == "failed" and "interrupted; start the same command again" in rec["error"]
 
     # a full disk (files limited to 1 MB; a checkpoint of this model with Adam's state is about 2.5 MB)
     full = subprocess.run(_retain(*common, "--checkpoint-every", "5", "--resume"), env=ENV, capture_output=True,
@@ -380,13 +380,13 @@ def test_sigint_checkpoints_and_exits_130_then_resume_under_a_full_disk_then_res
     assert full.returncode == 1, full.stderr
     assert "cannot write checkpoint" in one_line(full.stderr) and "previous checkpoint is kept" in full.stderr
     assert hashlib.sha256(ck.read_bytes()).hexdigest() == digest  # still the Ctrl-C checkpoint, still valid
-    assert checkpoint.load(ck)["position"] == saved
+    assert checkpoint.load(ck)["state"]["position"] == saved
     assert not [p for p in ckdir.iterdir() if p.name.endswith(".tmp")]
 
     done = subprocess.run(_retain(*common, "--resume", "--json", str(tmp_path / "r.json")), env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert f"resumed from the checkpoint at task {saved['task']}, step {saved['task_step']}" in done.stderr
+    assert f"resumed from its checkpoint at task {saved['task']}, step {saved['task_step']}" in done.stderr
     torch.set_num_threads(1)  # as the subprocesses
     plain = retain.run(benchmark="split-digits", method="er", hidden=(400, 400), epochs=8, n_tasks=3, seed=2)
     resumed = json.loads((tmp_path / "r.json").read_text())
@@ -454,7 +454,7 @@ def test_gem_probe_reports_the_memory_losses_after_one_step(tmp_path):
     torch.manual_seed(0)
     state = {"position": {"task": 1, "task_step": 0, "step": 3}, "model": MLP(784, 10, (256, 256)),
              "method": gem.state_dict()}
-    checkpoint.save(tmp_path / "g.ckpt", state)
+    checkpoint.save(tmp_path / "g.ckpt", {"format": checkpoint.FORMAT, "fingerprint": "probe", "state": state})
 
     def probe(*extra):
         return subprocess.run([sys.executable, str(root / "benchmarks" / "gem_probe.py"), "--data-dir", str(data),

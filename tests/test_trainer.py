@@ -7,7 +7,7 @@ import torch
 
 import retain
 from retain.errors import ConfigError
-from retain.method import Method
+from retain.method import Method, check_pairing
 from retain.models import MLP
 from retain.trainer import TrainConfig, TrainingError, train
 
@@ -59,9 +59,11 @@ def test_unsupported_mode_is_refused_before_training():
     class TaskOnly(Method):
         modes = ("task",)
 
-    sc = tiny_split("class", n_tasks=2)
+    check_pairing(TaskOnly(), "task")
     with pytest.raises(ConfigError, match="does not support class-IL"):
-        train(sc, TaskOnly(), MLP(8, 4, (4,)), TrainConfig())
+        check_pairing(TaskOnly(), "class")  # what resolve() calls before anything is built
+    with pytest.raises(ConfigError, match="does not support class-IL"):
+        retain.run(scenario=tiny_split("class", n_tasks=2), method=TaskOnly(), iterations=1)
 
 
 def test_optimizer_is_rebuilt_after_begin_task():
@@ -248,6 +250,85 @@ def test_class_il_training_spans_the_seen_classes_or_every_output(all_outputs):
 
 
 def test_all_outputs_outside_class_il_is_refused_before_training():
-    sc = tiny_split("task", n_tasks=2)
+    check_pairing(Recorder(), "class", all_outputs=True)
     with pytest.raises(ConfigError, match="is for class-IL"):
-        train(sc, Recorder(), MLP(8, sc.n_outputs, (4,)), TrainConfig(iterations=1, all_outputs=True))
+        check_pairing(Recorder(), "task", all_outputs=True)
+    with pytest.raises(ConfigError, match="is for class-IL"):
+        retain.run(scenario=tiny_split("task", n_tasks=2), method=Recorder(), iterations=1, all_outputs=True)
+
+
+@dataclass
+class NanAt(Method):
+    """A loss that goes NaN at global step ``at`` (``ctx.step`` counts the steps taken before this one)."""
+
+    at: int = 0
+    ended: list = field(default_factory=list)
+
+    def penalty(self, ctx, batch, out):
+        return out.sum() * float("nan") if ctx.step == self.at else None
+
+    def end_task(self, ctx):
+        self.ended.append(ctx.task)
+
+
+@pytest.mark.parametrize("task_free", [False, True])
+def test_a_non_finite_loss_is_caught_at_its_exact_step_without_reading_every_loss(monkeypatch, task_free):
+    """The losses stay where they were computed and are read a block at a time (no device sync per step), yet a
+    NaN deep inside a block, in the second task, is reported with its task and step, before ``end_task``."""
+    from retain import trainer
+
+    reads = []
+    read = trainer.Losses.read
+    monkeypatch.setattr(trainer.Losses, "read", lambda self: reads.append(len(self.where)) or read(self))
+    from retain import scenarios
+    from retain.data import make_synthetic
+
+    sc = scenarios.split(make_synthetic(n_classes=4, n_train=125, n_test=4), "class", n_tasks=2)  # 250 per task
+    config = TrainConfig(batch_size=1, task_free=True) if task_free else TrainConfig(iterations=250, batch_size=8)
+    per_task = 250
+    m = NanAt(at=per_task + 130)  # task 1, step 130 of the task (0-based); of a stream, its step 380
+    step = per_task + 130 if task_free else 130
+    with pytest.raises(TrainingError, match=f"at task 1, step {step} \\(global step {per_task + 131}\\)") as e:
+        train(sc, m, MLP(8, sc.n_outputs, (4,)), config)
+    assert (e.value.task, e.value.step) == (1, per_task + 131)
+    assert m.ended == ([] if task_free else [0])  # task 1 never ended with a NaN model
+    assert max(reads) == trainer.READ_EVERY and sum(reads) >= per_task + 131  # every loss was looked at...
+    assert len(reads) < (per_task + 131) / 50  # ...in blocks, not one read per step
+
+
+def test_a_crash_after_a_non_finite_loss_is_reported_as_the_divergence():
+    """A method that fails on the NaN weights a step left (a QP, an eigen-decomposition) before the losses are
+    read still gets the run reported as diverged at the step where the loss went NaN, not as its own crash."""
+
+    @dataclass
+    class Fragile(NanAt):
+        def before_update(self, ctx):
+            if ctx.step > self.at and any(p.isnan().any() for p in ctx.model.parameters()):
+                raise RuntimeError("cannot factorise a NaN matrix")
+
+    sc = tiny_split("class", n_tasks=2)
+    with pytest.raises(TrainingError, match="at task 0, step 5 ") as e:
+        train(sc, Fragile(at=5), MLP(8, sc.n_outputs, (4,)), TrainConfig(iterations=50, batch_size=8))
+    assert isinstance(e.value.__context__, RuntimeError)
+
+
+def test_progress_is_drawn_at_most_ten_times_a_second_and_at_each_task_end(monkeypatch):
+    from retain import trainer
+
+    calls = []
+    clock = [0.0]
+    monkeypatch.setattr(trainer.time, "monotonic", lambda: clock[0])
+
+    @dataclass
+    class Tick(Method):
+        def after_update(self, ctx, batch, out):
+            clock[0] += 0.01  # every step takes 10 ms
+
+    sc = tiny_split("class", n_tasks=3)
+    train(sc, Tick(), MLP(8, sc.n_outputs, (4,)), TrainConfig(iterations=40, batch_size=8),
+          progress=lambda *a: calls.append(a))
+    ends = [c for c in calls if c[1] == c[2] == 40]
+    assert [c[0] for c in ends] == [0, 1, 2]  # each task's end, once
+    assert len(calls) - len(ends) <= 3 * 40 * 0.01 / trainer.DRAW_EVERY_S + 1  # at most one draw per 0.1 s
+    assert len(calls) >= 3 * 40 * 0.01 / trainer.DRAW_EVERY_S - 1  # and not fewer
+    assert all(isinstance(c[3], float) and c[3] == c[3] for c in calls)  # the loss read back, finite
