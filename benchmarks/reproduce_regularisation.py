@@ -1,5 +1,5 @@
 """Reproduce the regularisation methods (issue 3): P1 Split-MNIST (task / domain / class-IL) and P2 Permuted-MNIST
-(domain-IL), van de Ven et al.'s settings, against the published numbers (../shared/PROTOCOLS.md).
+(domain-IL), van de Ven et al.'s settings, against the published numbers (docs/protocols.md).
 
 Runs finetune, ewc, online_ewc, si, mas, lwf and joint over several seeds with each method's preset for the
 benchmark and mode (what ``retain run`` uses), prints retain's final average accuracy (mean ± std over seeds)

@@ -1,6 +1,6 @@
 """Reproduce the replay and gradient-constraint results (issue 4) beside the published numbers.
 
-Protocols (../shared/PROTOCOLS.md):
+Protocols (docs/protocols.md):
 
 * ``hsu`` — P1, Hsu et al. 2018 Table 2: Split-MNIST in task-, domain- and class-IL; MLP 400-400, 4 epochs per
   task, batch 128; fine-tuning and ER with Adam 1e-3, GEM with SGD 0.01 and margin 0.5; ER and GEM store

@@ -1,4 +1,4 @@
-"""SPLIT-5 speed protocol (PROTOCOLS.md P4): retain against a bare PyTorch loop doing the same work, same run.
+"""SPLIT-5 speed protocol (docs/protocols.md P4): retain against a bare PyTorch loop doing the same work, same run.
 
 Split-MNIST (or Split-Fashion-MNIST), 5 tasks x 2 classes in label order, class-IL, MLP 784-400-400-10, Adam 1e-3,
 batch 128, 2 epochs per task, all 5 test sets evaluated after each task (batch 1000), 2 threads. Each

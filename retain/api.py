@@ -49,6 +49,15 @@ class Result:
     val_matrix: list[list[float]] | None = None
     peak_memory_mb: float | None = None
     memory: dict[str, int] | None = None  # the method's sample memory: {"rows", "bytes"} (Method.memory)
+    model: dict[str, Any] | None = None  # what was trained: {"class", "parameters"} (the user's own model too)
+    scenario: str | None = None  # the scenario that ran, in one line (tasks, classes, sizes, where the data came from)
+
+    def __repr__(self) -> str:
+        c, m = self.config, self.metrics
+        return (f"Result({c.get('method')} on {c.get('benchmark')} ({c.get('mode')}-IL), seed {c.get('seed')}: "
+                f"ACC {100 * m['acc']:.2f}%, BWT {100 * m['bwt']:+.2f}, forgetting {100 * m['forgetting']:.2f}, "
+                f"{len(self.accuracy_matrix)} tasks, train {self.timings['train_s']:.1f} s"
+                + (f", {len(self.warnings)} warning(s)" if self.warnings else "") + ")")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -109,7 +118,12 @@ def run(config: RunConfig | Run | None = None, *, scenario: Scenario | None = No
         config = resolve(config, scenario=scenario, model=model, method=method, **overrides)
     elif scenario is not None or model is not None or method is not None or overrides:
         raise ConfigError("a resolved Run already names its scenario, model and method; pass them to resolve()")
-    return execute(config, progress, checkpointer)
+    before = torch.get_num_threads()
+    torch.set_num_threads(config.threads)  # the option, else retain.config.default_threads()
+    try:
+        return execute(config, progress, checkpointer)
+    finally:
+        torch.set_num_threads(before)
 
 
 def execute(run: Run, progress: Progress | None = None, checkpointer: Checkpointer | None = None,
@@ -120,6 +134,9 @@ def execute(run: Run, progress: Progress | None = None, checkpointer: Checkpoint
         scenario = only_task(scenario, alone)
     model = run.build_model(scenario)
     trained = train(scenario, run.method, model, run.train_config(), progress, checkpointer)
+    warnings = list(trained.warnings)
+    if scenario.info.get("unverified"):  # data files matching no published checksum (retain.data)
+        warnings.append(scenario.info["unverified"])
     return Result(
         config=run.spec(),
         accuracy_matrix=trained.accuracy_matrix,
@@ -127,10 +144,12 @@ def execute(run: Run, progress: Progress | None = None, checkpointer: Checkpoint
         metrics=all_metrics(trained.accuracy_matrix, trained.baseline),
         timings=trained.timings,
         versions=versions(),
-        warnings=trained.warnings,
+        warnings=warnings,
         val_matrix=trained.val_matrix,
         peak_memory_mb=peak_memory_mb(),
         memory=run.method.memory(scenario).to_dict(),  # the samples it keeps, in the method's own words
+        model={"class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters())},
+        scenario=repr(scenario),
     )
 
 

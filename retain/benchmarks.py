@@ -1,6 +1,6 @@
 """The named benchmarks: which data, how it is cut into tasks, and the training defaults of its protocol.
 
-Defaults follow the published protocols (../shared/PROTOCOLS.md in the development tree, docs/benchmarks.md):
+Defaults follow the published protocols (docs/protocols.md; retain's numbers: docs/benchmarks.md):
 split-MNIST-like benchmarks use van de Ven's P1 settings, permuted-MNIST his P2 settings. A user's flags override
 any of them.
 """

@@ -92,8 +92,8 @@ class RunConfig:
     """Everything that defines a run. ``None`` means "the benchmark's default" (filled in by :func:`resolve`)."""
 
     benchmark: str = option("split-digits", "see `retain benchmarks` (default split-digits)", group="run")
-    method: str = option("finetune", "see `retain methods`; join methods with + for a hybrid, e.g. ewc+er "
-                         "(default finetune)", group="run")
+    method: str = option("finetune", "see `retain methods`; join methods with + for a hybrid, e.g. ewc+er; or a "
+                         "class of your own as module:Class (default finetune)", group="run")
     mode: str | None = option(None, "task, domain or class (default: the benchmark's)", choices=MODES, group="run")
     params: dict[str, Any] = option({}, "method hyper-parameter NAME=VALUE (repeatable), e.g. --param lambda=100; "
                                     "over the method's preset", group="run", metavar="NAME=VALUE")
@@ -120,6 +120,8 @@ class RunConfig:
                              check=lambda v: None if v >= 0 else f"must be a whole number of pixels >= 0, got {v}",
                              metavar="PIXELS")
     device: str = option("auto", "auto (CUDA when present), cpu, cuda[:N]")
+    threads: int | None = option(None, "torch CPU threads for the run (default: 2 when two cores are free, else 1; "
+                                 "see docs/benchmarks.md)", check=_at_least(1), hash="never", metavar="N")
     val_fraction: float = option(0.0, "hold out this share of each task's training data as a validation split",
                                  check=_unit_interval)
     task_free: bool = option(False, "one stream of batches, no task boundaries (one pass over the data)")
@@ -256,7 +258,8 @@ def coerce(name: str, value: Any, where: str = "") -> Any:
         if not nums or len(nums) != 2 or any(n is None for n in nums):
             raise bad("two comma-separated numbers like 0.1,0.2752")
         out = (float(nums[0]), float(nums[1]))
-    if o.choices and out not in o.choices:
+    if o.choices and out not in o.choices and not (name == "arch" and str(out).startswith("custom:")):
+        # ("custom:Class" is what a run with the user's own model records as its arch)
         raise ConfigError(f"{prefix}unknown {name} {out!r}; choose one of {', '.join(o.choices)}")
     problem = o.check(out) if o.check else None
     if problem:
@@ -378,6 +381,40 @@ _TRAINING_DEFAULTS = {"arch": "mlp", "hidden": (400, 400), "batch_size": 128, "o
                       "momentum": 0.0, "pad": 0}
 
 
+def default_threads() -> int:
+    """Torch CPU threads for a run when ``threads`` is not given: 2 when two cores are free, else 1.
+
+    Measured on 2 cores (docs/benchmarks.md, "Threads"): on an idle machine 2 threads train 1.7 x faster than 1,
+    but beside one busy process they are over 4 x slower (the threads wait for each other at every operation);
+    more than 2 rarely helps the small models here. "Free" counts the processes running right now. An
+    ``OMP_NUM_THREADS`` in the environment (the usual way to ask for a thread count) is taken as it is."""
+    asked = os.environ.get("OMP_NUM_THREADS", "")
+    if asked.isdigit() and int(asked) >= 1:
+        return int(asked)
+    cores = os.cpu_count() or 1
+    return 2 if cores - _others_running() >= 2 else 1
+
+
+def _others_running() -> int:
+    """Other threads on the CPUs now: Linux's count of runnable tasks (the median of five looks 10 ms apart, less
+    this one), else the one-minute load average, else 0."""
+    import time
+
+    try:
+        looks = []
+        for _ in range(5):
+            with open("/proc/loadavg") as f:
+                looks.append(int(f.read().split()[3].split("/")[0]) - 1)
+            time.sleep(0.01)
+        return sorted(looks)[2]
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return round(os.getloadavg()[0])
+    except (OSError, AttributeError):
+        return 0
+
+
 @dataclass
 class Run:
     """A resolved run: every option filled in and checked, the method created. What every path executes.
@@ -396,6 +433,11 @@ class Run:
         d = self.config.to_dict()
         d["params"] = dict(self.method.params())
         return d
+
+    @property
+    def threads(self) -> int:
+        """The torch CPU threads this run trains with: the ``threads`` option, else :func:`default_threads`."""
+        return self.config.threads or default_threads()
 
     def build_scenario(self) -> Any:
         if self.scenario is not None:
@@ -466,8 +508,7 @@ def resolve(config: RunConfig | dict[str, Any] | None = None, *, scenario: Any =
         raise ConfigError(f"method must be a registered name or a retain Method instance, got {type(method).__name__}")
     if c.iterations is not None and c.epochs not in (None, 1):  # 1: what resolving fills in beside iterations
         raise ConfigError("give --epochs or --iterations, not both")
-    if c.blurry and not c.task_free:
-        raise ConfigError("--blurry blurs the task boundaries of a task-free stream; add --task-free or drop it")
+    _check_effect(c)
     if scenario is None:
         from retain import benchmarks
 
@@ -481,9 +522,11 @@ def resolve(config: RunConfig | dict[str, Any] | None = None, *, scenario: Any =
                               "the scenario (retain.data.pad)")
         defaults, dataset, kind = {}, None, None
         c.benchmark, c.mode, c.n_tasks = scenario.name, scenario.mode, scenario.n_tasks
-    _fill_training(c, defaults)
+    if model is not None and (c.hidden is not None or (c.arch is not None and not c.arch.startswith("custom:"))):
+        raise ConfigError("--arch / --hidden build retain's own model, but a model was given: drop them")
     if model is not None:
-        c.arch, c.hidden = f"custom:{type(model).__name__}", None
+        c.arch = f"custom:{type(model).__name__}"
+    _fill_training(c, defaults)
     if method is None:
         method = create(c.method, c.params, preset=f"{c.benchmark}/{c.mode}")
     else:
@@ -497,15 +540,35 @@ def resolve(config: RunConfig | dict[str, Any] | None = None, *, scenario: Any =
     return Run(c, method, scenario, model)
 
 
+def _check_effect(c: RunConfig) -> None:
+    """Refuse an option the user set that would have no effect in this run (it would be silently ignored)."""
+    if c.blurry and not c.task_free:
+        raise ConfigError("--blurry blurs the task boundaries of a task-free stream; add --task-free or drop it")
+    if c.task_free and c.iterations is not None:
+        raise ConfigError("a task-free stream has no per-task step budget: --iterations does not apply; use --epochs "
+                          "N for N passes over each task's data as it streams by, or drop --task-free")
+
+
 def _fill_training(c: RunConfig, d: dict[str, Any]) -> None:
-    """Fill ``c``'s unset model and training options from ``d`` (a benchmark's protocol defaults, or none)."""
-    if c.epochs is None and c.iterations is None:
+    """Fill ``c``'s unset model and training options from ``d`` (a benchmark's protocol defaults, or none).
+    A task-free stream takes ``epochs`` passes (1 unless given), never the benchmark's per-task budget; only an
+    MLP has hidden sizes."""
+    if c.task_free:
+        c.epochs, c.iterations = c.epochs or 1, None
+    elif c.epochs is None and c.iterations is None:
         c.epochs, c.iterations = d.get("epochs", 1), d.get("iterations")
     elif c.epochs is None:
         c.epochs = 1
+    if c.arch is None:
+        c.arch = coerce("arch", d.get("arch", "mlp"))
+    if c.arch != "mlp" and c.hidden is not None and not c.arch.startswith("custom:"):
+        raise ConfigError(f"--hidden sets an MLP's layers; --arch {c.arch} has none: drop --hidden")
     for k, default in _TRAINING_DEFAULTS.items():
-        if getattr(c, k) is None:
+        if getattr(c, k) is None and (k != "hidden" or c.arch == "mlp"):
             setattr(c, k, coerce(k, d.get(k, default)))
+    if c.momentum and c.optimizer != "sgd":
+        raise ConfigError(f"--momentum is SGD's; with --optimizer {c.optimizer} it would be ignored: add "
+                          "--optimizer sgd or drop it")
 
 
 def _check_shape(c: RunConfig, dataset: str | None, kind: str | None) -> None:

@@ -5,17 +5,25 @@ tasks; :mod:`retain.scenarios` cuts the arrays into a stream. Files are searched
 (``--data-dir``, ``$RETAIN_DATA``, ``~/.cache/retain``, well-known system folders), validated strictly (a
 corrupt or truncated file is an error naming the file, never a silently partial dataset), and downloaded only
 when asked, with checksum verification and an atomic rename.
+
+The MNIST family shares its file names, so a folder of MNIST answers a request for Fashion-MNIST as well as
+for MNIST. Each IDX file is therefore identified by its md5 (of the file, and for a gzip whose own checksum is
+unknown, of its uncompressed bytes): another dataset's published file is refused, and a file matching no
+published checksum (a user's own re-encoding) is accepted but listed in :attr:`Arrays.unverified`. Checksums
+are cached per (path, size, mtime) in memory and in ``~/.cache/retain/checksums.json``.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import pickle
 import tarfile
 import tempfile
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -39,6 +47,10 @@ class Arrays:
     mean: tuple[float, ...] = (0.0,)  # per-channel normalisation applied per batch after scaling to [0, 1]
     std: tuple[float, ...] = (1.0,)
     source: str = ""  # where the files were found (for `retain benchmarks` and the result record)
+    # IDX files of a known dataset whose checksum matches no published release (a user's own re-encoding):
+    # accepted, but results on them may not compare with published ones. Empty when every file matched, and for
+    # data that has no checksum table (CIFAR python batches, digits, synthetic, user tensors).
+    unverified: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------------- IDX files
@@ -55,6 +67,11 @@ IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
 def read_idx(path: str | os.PathLike) -> Tensor:
     """Read one IDX file (gzip or raw) as a uint8 tensor; validate its magic number, header and size."""
     path = Path(path)
+    return _parse_idx(path, _read_bytes(path))
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The uncompressed bytes of an IDX file, gzip or raw."""
     if path.is_dir():
         raise DataError(f"{path} is a directory, expected an IDX file; point --data-dir at the folder holding it")
     try:
@@ -65,6 +82,10 @@ def read_idx(path: str | os.PathLike) -> Tensor:
         raise DataError(f"{path}: permission denied; make the file readable (chmod +r)") from None
     except (OSError, EOFError) as e:  # truncated gzip stream, bad CRC, not a gzip file
         raise DataError(f"{path}: cannot be read ({e}); delete it and download it again") from None
+    return raw
+
+
+def _parse_idx(path: Path, raw: bytes) -> Tensor:
     if len(raw) < 8:
         raise DataError(f"{path}: truncated IDX file ({len(raw)} bytes); delete it and download it again")
     magic = int.from_bytes(raw[:4], "big")
@@ -106,7 +127,20 @@ def load_idx_folder(folder: str | os.PathLike, name: str, n_classes: int = 10) -
         if p is None:
             raise DataError(f"{folder}: missing {stem}[.gz] for {name}; put all four IDX files there or use --download")
         paths[key] = p
-    t = {k: read_idx(p) for k, p in paths.items()}
+    checked = name in SOURCES and SOURCES[name].kind == "idx"
+    known = _published() if checked else {}
+    file_md5 = {k: _cached_md5(p, "file", lambda p=p: _md5(p)) for k, p in paths.items()} if checked else {}
+    for key, p in paths.items():  # before decompressing: another dataset's gzip is refused in a fraction of a second
+        _check_identity(p, known.get(file_md5.get(key)), name, key)
+    t, unverified = {}, []
+    for key, p in paths.items():
+        raw = _read_bytes(p)
+        t[key] = _parse_idx(p, raw)
+        if checked and file_md5[key] not in known:  # a re-compressed or uncompressed file: its bytes decide
+            content = _cached_md5(p, "content", lambda raw=raw: hashlib.md5(raw).hexdigest())
+            if content not in known:
+                unverified.append(str(p))
+            _check_identity(p, known.get(content), name, key)
     for split in ("train", "test"):
         xi, yi = t[f"{split}_images"], t[f"{split}_labels"]
         if xi.dim() != 3:
@@ -130,7 +164,104 @@ def load_idx_folder(folder: str | os.PathLike, name: str, n_classes: int = 10) -
         y_test=t["test_labels"].long(),
         n_classes=n_classes,
         source=str(folder),
+        unverified=tuple(unverified),
     )
+
+
+# ------------------------------------------------------------------------------- which dataset a file belongs to
+
+DISPLAY_NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST", "kmnist": "KMNIST"}
+ROLE_NAMES = {"train_images": "training images", "train_labels": "training labels", "test_images": "test images",
+              "test_labels": "test labels"}
+_ROLE_OF_STEM = {stem: key for key, stem in IDX_FILES.items()}
+
+
+def _published() -> dict[str, tuple[str, str]]:
+    """md5 -> (dataset, role) for every published IDX file of :data:`SOURCES`, gzip and uncompressed."""
+    out = {}
+    for src in SOURCES.values():
+        if src.kind == "idx":
+            for fname, md5 in (*src.files, *src.contents):
+                out[md5] = (src.name, _ROLE_OF_STEM[fname.removesuffix(".gz")])
+    return out
+
+
+def _check_identity(path: Path, found: tuple[str, str] | None, name: str, role: str) -> None:
+    """Refuse ``path`` when its checksum says it is another dataset's file, or another file of the same one."""
+    if found is None or found == (name, role):
+        return
+    other, other_role = found
+    shown = lambda n: DISPLAY_NAMES.get(n, n)  # noqa: E731
+    if other != name:
+        raise DataError(
+            f"{path} is {shown(other)}'s {ROLE_NAMES[other_role]}, not {shown(name)}'s; point --data-dir "
+            f"(or RETAIN_DATA) at a folder of {shown(name)} files"
+        )
+    raise DataError(
+        f"{path} is {shown(name)}'s {ROLE_NAMES[other_role]}, not its {ROLE_NAMES[role]}; restore the original "
+        "file names"
+    )
+
+
+def unverified_warning(arrays: Arrays) -> str | None:
+    """One line for the run record when some of ``arrays``' files match no published checksum, else None."""
+    if not arrays.unverified:
+        return None
+    files = ", ".join(Path(p).name for p in arrays.unverified)
+    return (f"{arrays.name}: {files} in {arrays.source} match no published checksum (a re-encoded or modified "
+            "copy?); results may not compare with published ones")
+
+
+_MD5_MEMO: dict[str, tuple[int, int, str]] = {}  # "kind:path" -> (size, mtime_ns, md5), this process
+
+
+def _checksum_cache() -> Path:
+    return cache_dir() / "checksums.json"
+
+
+def _cached_md5(path: Path, kind: str, compute: Callable[[], str]) -> str:
+    """``compute()`` (an md5 of ``path``'s bytes of ``kind``), cached per (path, size, mtime) so that a sweep
+    hashes each data file once, not once per run: in memory, and on disk for the next process."""
+    st = path.stat()
+    key, stamp = f"{kind}:{path.resolve()}", (st.st_size, st.st_mtime_ns)
+    hit = _MD5_MEMO.get(key)
+    if hit is None:
+        entry = _read_checksum_cache().get(key)
+        if isinstance(entry, list) and len(entry) == 3:
+            hit = (entry[0], entry[1], entry[2])
+    if hit is not None and hit[:2] == stamp:
+        _MD5_MEMO[key] = hit
+        return hit[2]
+    md5 = compute()
+    _MD5_MEMO[key] = (*stamp, md5)
+    _write_checksum_cache(key, [*stamp, md5])
+    return md5
+
+
+def _read_checksum_cache() -> dict:
+    try:
+        d = json.loads(_checksum_cache().read_text())
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def _write_checksum_cache(key: str, entry: list) -> None:
+    path = _checksum_cache()
+    d = _read_checksum_cache()
+    d[key] = entry
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".checksums.", suffix=".part")
+        with os.fdopen(fd, "w") as f:
+            json.dump(d, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache costs only a re-hash next time
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 # ------------------------------------------------------------------------------------------------ CIFAR pickles
@@ -247,7 +378,8 @@ class Source:
     folder_names: tuple[str, ...] = ()  # sub-folders tried under each root (torchvision layout first)
     system_dirs: tuple[str, ...] = ()
     mirrors: tuple[str, ...] = ()
-    files: tuple[tuple[str, str], ...] = ()  # (file name, md5)
+    files: tuple[tuple[str, str], ...] = ()  # (file name, md5): the published downloads
+    contents: tuple[tuple[str, str], ...] = ()  # (IDX file name, md5 of its uncompressed bytes)
 
 
 SOURCES = {
@@ -260,6 +392,12 @@ SOURCES = {
             ("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
             ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c"),
         ),
+        (  # computed from the published gzip files above
+            ("train-images-idx3-ubyte", "6bbc9ace898e44ae57da46a324031adb"),
+            ("train-labels-idx1-ubyte", "a25bea736e30d166cdddb491f175f624"),
+            ("t10k-images-idx3-ubyte", "2646ac647ad5339dbf082846283269ea"),
+            ("t10k-labels-idx1-ubyte", "27ae3e4e09519cfbb04c329615203637"),
+        ),
     ),
     "fashion-mnist": Source(
         "fashion-mnist", "idx", ("FashionMNIST/raw", "fashion-mnist", "FashionMNIST"),
@@ -269,7 +407,13 @@ SOURCES = {
             ("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
             ("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe"),
             ("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
-            ("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12e480ee83cd310"),
+            ("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310"),  # as the dataset's README lists
+        ),
+        (  # computed from Debian's dataset-fashion-mnist, whose gzip files are re-compressed (other md5s)
+            ("train-images-idx3-ubyte", "f4a8712d7a061bf5bd6d2ca38dc4d50a"),
+            ("train-labels-idx1-ubyte", "9018921c3c673c538a1fc5bad174d6f9"),
+            ("t10k-images-idx3-ubyte", "8181f5470baa50b63fa0f6fddb340f0a"),
+            ("t10k-labels-idx1-ubyte", "15d484375f8d13e6eb1aabb0c3f46965"),
         ),
     ),
     "kmnist": Source(
@@ -281,6 +425,8 @@ SOURCES = {
             ("t10k-images-idx3-ubyte.gz", "5c965bf0a639b31b8f53240b1b52f4d7"),
             ("t10k-labels-idx1-ubyte.gz", "7320c461ea6c1c855c0b718fb2a4b134"),
         ),
+        # No uncompressed checksums: the authors publish none and no copy was at hand to compute them, so an
+        # uncompressed or re-compressed KMNIST loads as unverified.
     ),
     "cifar10": Source(
         "cifar10", "cifar10", ("cifar-10-batches-py", "CIFAR10/cifar-10-batches-py"), (),

@@ -31,11 +31,13 @@ __all__ = ["Job", "make_job", "checkpoint_dir", "run_jobs", "compare_jobs", "dif
            "sweep_jobs", "choose"]
 
 CLASSIC = ("finetune", "ewc", "er", "agem")  # the README's first comparison
-METRICS = ("acc", "bwt", "fwt", "forgetting", "memory_rows", "train_s", "peak_mb")
+# peak_mb (the whole process's high-water mark, mostly torch itself) stays in the records and exports; the tables
+# show the method's own memory instead.
+METRICS = ("acc", "bwt", "fwt", "forgetting", "memory_rows", "memory_mb", "train_s")
 HIGHER_IS_BETTER = {"acc": True, "bwt": True, "fwt": True, "forgetting": False, "train_s": False,
-                    "peak_mb": False, "val_acc": True, "memory_rows": False}
+                    "peak_mb": False, "val_acc": True, "memory_rows": False, "memory_mb": False}
 LABELS = {"acc": "ACC %", "bwt": "BWT", "fwt": "FWT", "forgetting": "forgetting", "train_s": "train s",
-          "peak_mb": "peak MB", "val_acc": "val ACC %", "memory_rows": "memory rows"}
+          "peak_mb": "peak MB", "val_acc": "val ACC %", "memory_rows": "memory rows", "memory_mb": "memory MB"}
 PERCENT = ("acc", "bwt", "fwt", "forgetting", "val_acc")
 
 
@@ -60,17 +62,34 @@ def available(names: Sequence[str]) -> tuple[list[str], list[str]]:
 # ---------------------------------------------------------------------------------------------- progress
 
 class Overall:
-    """The overall bar for many runs (stderr, redrawn in place) with the current run's task, step and loss."""
+    """The progress of many runs on stderr: the runs done of all, with the current run's label, task, step and
+    loss. In a terminal one line redrawn in place; elsewhere (a log, CI) a plain line every ``interval`` seconds
+    that adds the steps per second of the runs in flight and the experiment's ETA (from the time the finished
+    runs took). ``enabled=False`` (``--quiet``) draws nothing; ``clock`` is for tests."""
 
-    def __init__(self, total: int, label: str = "", enabled: bool = True):
+    LOG_EVERY_S = 30.0  # as retain.cli.options.ProgressBar's: a line often enough to see it move, a short CI log
+
+    def __init__(self, total: int, label: str = "", enabled: bool = True, *, interval: float | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.total, self.label, self.done, self.failed, self.skipped = total, label, 0, 0, 0
-        self.enabled = enabled and sys.stderr.isatty()
+        self.tty = sys.stderr.isatty()
+        self.enabled = enabled
+        self.interval, self.clock = self.LOG_EVERY_S if interval is None else interval, clock
         self.current: dict[int, tuple[int, int, int, float]] = {}
         self.labels: dict[int, str] = {}
         self.last = 0.0
-        self.t0 = time.monotonic()
+        self.t0 = clock()
+        self.logged = self.t0  # outside a terminal: when the last line was written
+        self.steps = 0  # steps trained in all runs since the start (for the rate)
 
     def report(self, index: int, task: int, step: int, n: int, loss: float) -> None:
+        before = self.current.get(index)
+        if before is None:  # a run's first report
+            self.steps += step
+        elif task != before[0]:  # the rest of its last task, then this one's so far
+            self.steps += before[2] - before[1] + step
+        else:
+            self.steps += step - before[1]
         self.current[index] = (task, step, n, loss)
         self.draw()
 
@@ -81,8 +100,13 @@ class Overall:
         self.draw(force=True)
 
     def draw(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not self.enabled or (not force and now - self.last < 0.1):
+        if not self.enabled:
+            return
+        now = self.clock()
+        if not self.tty:
+            self._log(now)
+            return
+        if not force and now - self.last < 0.1:
             return
         self.last = now
         width = 20
@@ -96,10 +120,35 @@ class Overall:
         sys.stderr.write(line[:119].ljust(119))
         sys.stderr.flush()
 
+    def _log(self, now: float) -> None:
+        if now - self.logged < self.interval:
+            return
+        self.logged = now
+        elapsed = max(now - self.t0, 1e-9)
+        line = f"{self.label}{self.done}/{self.total} runs"
+        if self.failed:
+            line += f" ({self.failed} failed)"
+        if self.current:
+            i, (task, step, n, loss) = max(self.current.items())
+            line += f" | {self.labels.get(i, '')} task {task + 1} step {step}/{n} loss {loss:.4f}"
+        eta = self.duration(elapsed / self.done * (self.total - self.done)) if self.done else "?"
+        sys.stderr.write(f"{line} | {self.steps / elapsed:.1f} steps/s | ETA {eta}\n")
+        sys.stderr.flush()
+
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and self.tty:
             sys.stderr.write("\r" + " " * 119 + "\r")
             sys.stderr.flush()
+
+    @staticmethod
+    def duration(seconds: float) -> str:
+        """``seconds`` for people: ``42s``, ``3m05s``, ``1h02m``."""
+        s = max(int(round(seconds)), 0)
+        if s < 60:
+            return f"{s}s"
+        if s < 3600:
+            return f"{s // 60}m{s % 60:02d}s"
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 # ------------------------------------------------------------------------------------------------- running
@@ -137,6 +186,7 @@ def run_jobs(jobs: Sequence[Job], store: Store, executor: Executor | None = None
                "resume": not force, "threads": threads}
     by_index = {i: (h, job) for h, (i, job) in todo.items()}
     exit_codes: dict[str, int] = {}  # of the runs that failed now: 2 bad input (missing data...), 1 a fault
+    told: set[str] = set()
     try:
         for index, outcome in executor.map([(i, job.spec) for i, (h, job) in sorted(by_index.items())], options,
                                            bar.report):
@@ -149,7 +199,8 @@ def run_jobs(jobs: Sequence[Job], store: Store, executor: Executor | None = None
             else:
                 store.fail(h, job.spec, outcome["reason"], outcome.get("task"), outcome.get("step"))
                 exit_codes[h] = outcome.get("exit_code", 1)
-                if notify and notify_failures:
+                if notify and notify_failures and outcome["reason"] not in told:  # each distinct reason once
+                    told.add(outcome["reason"])
                     notify(f"run {job.label} failed: {outcome['reason']}")
             bar.finished(index, outcome["status"] == "done")
     except KeyboardInterrupt:
@@ -186,7 +237,9 @@ def record_values(rec: dict[str, Any]) -> dict[str, float]:
     out = {k: m.get(k, math.nan) for k in ("acc", "bwt", "fwt", "forgetting")}
     out["train_s"] = (rec.get("timings") or {}).get("train_s", math.nan)
     out["peak_mb"] = rec.get("peak_memory_mb") or math.nan
-    out["memory_rows"] = float((rec.get("memory") or {}).get("rows", math.nan))
+    memory = rec.get("memory") or {}
+    out["memory_rows"] = float(memory.get("rows", math.nan))
+    out["memory_mb"] = memory.get("bytes", math.nan) / 2**20
     if rec.get("val_matrix"):
         V = np.asarray(rec["val_matrix"], dtype=float)
         out["val_acc"] = float(np.nanmean(V[-1]))
@@ -238,7 +291,7 @@ def format_table(rows: list[dict[str, Any]], keys: Sequence[str], metrics: Seque
     best: dict[tuple[Any, str], float] = {}
     if mark_best:
         for m in metrics:
-            if m == "memory_rows":  # a size, not a score
+            if m in ("memory_rows", "memory_mb"):  # sizes, not scores
                 continue
             for row in rows:
                 g = row.get(within) if within else None
@@ -260,7 +313,7 @@ def format_table(rows: list[dict[str, Any]], keys: Sequence[str], metrics: Seque
                 cells.append("—")
                 continue
             scale = 100 if m in PERCENT else 1
-            digits = 2 if m in PERCENT else {"peak_mb": 1, "memory_rows": 0}.get(m, 2)
+            digits = 2 if m in PERCENT else {"peak_mb": 1, "memory_rows": 0, "memory_mb": 2}.get(m, 2)
             text = f"{mean * scale:.{digits}f}" + (f" {pm.split()[0]} {spread * scale:.{digits}f}" if n > 1 else "")
             g = row.get(within) if within else None
             if mark_best and best.get((g, m)) == mean and len(rows) > 1:
@@ -317,8 +370,22 @@ def _benchmark_mode(base: Any) -> str:
 
 
 def compare_table(records: list[dict[str, Any]], interval: str = "std") -> str:
+    """The comparison table, then each method's hyper-parameters as they ran (presets included)."""
     rows = summarize(records, ("mode", "method"), interval=interval)
-    return format_table(rows, ("mode", "method"), interval=interval, within="mode")
+    table = format_table(rows, ("mode", "method"), interval=interval, within="mode")
+    params: dict[str, dict[str, Any]] = {}
+    for rec in records:
+        params.setdefault(rec["config"]["method"], rec["config"].get("params") or {})
+    lines = [f"  {m}: " + (", ".join(f"{k}={_fmt_value(v)}" for k, v in p.items()) or "no hyper-parameters")
+             for m, p in params.items()]
+    return table + "\nhyper-parameters as they ran:\n" + "\n".join(lines)
+
+
+def _fmt_value(v: Any) -> str:
+    """A hyper-parameter for people: 1e+09 rather than 1000000000.0, 0.001 as it is."""
+    if isinstance(v, float) and v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+        return f"{v:g}"
+    return str(v)
 
 
 # -------------------------------------------------------------------------------------------------- orders

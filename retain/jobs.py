@@ -84,15 +84,16 @@ def execute(spec: dict[str, Any], options: dict[str, Any], index: int = 0, repor
     """Run one job spec and describe how it went. Never raises for a run's own failure: a diverged run, a bad
     configuration or a crash inside a method becomes a ``failed`` outcome with the reason (and step).
 
-    ``options``: ``checkpoint_dir``, ``checkpoint_every``, ``resume``, ``threads`` (torch threads for the run;
-    1 in pool workers, so a run computes the same numbers whichever executor ran it). ``report(index, task, step,
+    ``options``: ``checkpoint_dir``, ``checkpoint_every``, ``resume``, ``threads`` (torch threads for the run
+    when its spec gives none; 1 in pool workers, so a run computes the same numbers whichever executor ran it and
+    however many ran beside it). ``report(index, task, step,
     n_steps, loss)`` receives progress."""
     from retain import api
     from retain.checkpoint import Checkpointer
     from retain.trainer import TrainingError
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(options.get("threads") or 1)
+    torch.set_num_threads(spec.get("threads") or options.get("threads") or 1)  # the run's own option wins
     h = config_hash(spec)
     ckpt = None
     if options.get("checkpoint_dir"):

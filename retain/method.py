@@ -20,15 +20,24 @@ hook                                   contract
 
 Class attributes: ``modes`` (the scenario modes supported), ``needs_boundaries`` (True if the method cannot run
 on a task-free stream), ``presets`` (tuned hyper-parameters per ``"benchmark/mode"``, applied by default).
-A misspelled hook (``end_tsak``) is an error at class creation, not a silently ignored method.
+A misspelled hook (``end_tsak``, ``penalti``) is an error at class creation, not a silently ignored method.
+
+Where methods come from (:func:`method_class` parses every name): the modules of :mod:`retain.methods`, the
+entry-point group ``retain.methods`` of installed packages (``mine = "package.module:Class"``), any importable
+``module.path:ClassName``, and hybrids ``a+b`` of any of these.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.metadata
+import inspect
 import math
+import os
 import pkgutil
+import re
+import sys
 import typing
 from typing import Any, ClassVar
 
@@ -41,6 +50,39 @@ from retain.scenarios import MODES, Batch, TaskData
 HOOKS = ("begin_task", "task_data", "augment", "penalty", "before_update", "after_update", "end_task",
          "forward", "observe")
 _HOOK_PREFIXES = ("begin_", "end_", "before_", "after_", "on_")
+ENTRY_POINTS = "retain.methods"  # the entry-point group of installed plugin methods
+
+
+def _edits(a: str, b: str) -> int:
+    """Edits (insert, delete, substitute, swap two neighbours) that turn ``a`` into ``b``: ``end_tsak`` -> 1."""
+    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[-1][-1]
+
+
+def misspelled_hook(attr: str, value: Any) -> str | None:
+    """Why ``attr`` of a method class looks like a hook but is not one, or None.
+
+    The rule: a public function (not ``_private``) whose name, lower-cased, is one or two edits from a hook's
+    (``penalti``, ``augmnet``, ``end_tsak``, ``Forward``, ``observer``); or any attribute that starts like one
+    (``begin_``, ``end_``, ``before_``, ``after_``, ``on_``). Every other name is free: the shortest hook has 7
+    letters, so ordinary names (``params``, ``parameters``, ``memory``, ``state_dict``, ``fisher``) are 3 or more
+    edits away from all of them.
+    """
+    if attr in HOOKS or attr.startswith("_"):
+        return None
+    if inspect.isfunction(value) or isinstance(value, (staticmethod, classmethod)):
+        near = min(HOOKS, key=lambda h: _edits(attr.lower(), h))
+        if _edits(attr.lower(), near) <= 2:
+            return f"is not a hook but is close to {near}(): rename it {near} if it is meant as that hook, or " \
+                   "give it a name further from every hook"
+    if attr.startswith(_HOOK_PREFIXES):
+        return f"looks like a hook but is not one; hooks are {', '.join(HOOKS)}"
+    return None
 
 
 def param(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - "help" reads best at the call site
@@ -61,9 +103,12 @@ class Method:
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
-        for attr in vars(cls):
-            if attr.startswith(_HOOK_PREFIXES) and attr not in HOOKS:
-                raise TypeError(f"{cls.__name__}.{attr} looks like a hook but is not one; hooks are {HOOKS}")
+        if "name" not in vars(cls):  # unregistered: the name that imports it again (``--method module:Class``)
+            cls.name = f"{cls.__module__}:{cls.__qualname__}"
+        for attr, value in vars(cls).items():
+            why = misspelled_hook(attr, value)
+            if why:
+                raise TypeError(f"{cls.__name__}.{attr} {why}")
         bad = set(cls.modes) - set(MODES) if isinstance(cls.modes, tuple) else set()
         if bad:
             raise TypeError(f"{cls.__name__}.modes has unknown modes {sorted(bad)}")
@@ -197,6 +242,7 @@ class Compose(Method):
     def __init__(self, *methods: Method, **params: Any):
         if methods and params:
             raise TypeError("give Compose either method instances or hyper-parameters of its parts, not both")
+        given = bool(methods)
         if not methods:
             methods = tuple(cls(**{_field_name(cls, k): v for k, v in params.items() if k in _field_names(cls)})
                             for cls in self.parts)
@@ -204,6 +250,8 @@ class Compose(Method):
             if unknown:
                 raise TypeError(f"unknown parameters {sorted(unknown)}")
         self.methods = tuple(methods)
+        if given and not self.parts:  # Compose(ER(), EWC()) is recorded as er+ewc, the name that builds it again
+            self.name = "+".join(m.name for m in self.methods)
         self._forward = _owner(self.methods, "forward")
         self._observe = _owner(self.methods, "observe")
 
@@ -305,19 +353,90 @@ def register(name: str):
 
 
 _loaded = False
+_loading = False  # a plugin module that calls methods() while it is being imported gets the list so far
 
 
 def methods() -> dict[str, type[Method]]:
-    """Every registered method (importing each module of :mod:`retain.methods` once). Hybrids ``a+b`` are not
-    listed: :func:`method_class` builds them on demand from any registered methods."""
-    global _loaded
-    if not _loaded:
+    """Every registered method: each module of :mod:`retain.methods` (imported once) and each installed plugin of
+    the entry-point group ``retain.methods``. Hybrids ``a+b`` and ``module:Class`` names are not listed:
+    :func:`method_class` builds or imports them on demand. A plugin that cannot be loaded is a
+    :class:`ConfigError` naming it, not a shorter list."""
+    global _loaded, _loading
+    if not _loaded and not _loading:
         import retain.methods as pkg
 
-        for info in pkgutil.iter_modules(pkg.__path__):
-            importlib.import_module(f"retain.methods.{info.name}")
-        _loaded = True
+        _loading = True
+        try:
+            for info in pkgutil.iter_modules(pkg.__path__):
+                importlib.import_module(f"retain.methods.{info.name}")
+            _load_plugins()
+            _loaded = True
+        finally:
+            _loading = False
     return dict(sorted((k, v) for k, v in REGISTRY.items() if "+" not in k))
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def _load_plugins() -> None:
+    """Register each entry point of the group ``retain.methods`` under its name (``mine = "pkg.mod:Mine"``)."""
+    built_in = {n for n, c in REGISTRY.items() if c.__module__.startswith("retain.")}
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINTS):
+        dist = getattr(ep.dist, "name", None) or "?"
+        where = f"plugin {dist}: entry point {ep.name} = {ep.value!r} (group {ENTRY_POINTS})"
+        if not re.fullmatch(r"[A-Za-z_][\w-]*", ep.name):
+            raise ConfigError(f"{where}: the name must be letters, digits, _ or - (no + or :); rename it in the "
+                              f"package's entry points")
+        try:
+            cls = ep.load()
+        except Exception as e:  # noqa: BLE001 - any failure of the plugin's import is reported the same way
+            raise ConfigError(f"{where} failed to load ({_one_line(e)}); fix or uninstall {dist}") from None
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise ConfigError(f"{where} is a {type(cls).__name__}, not a subclass of retain.method.Method")
+        if REGISTRY.get(ep.name, cls) is not cls:
+            other = REGISTRY[ep.name]
+            owner = "a built-in method" if ep.name in built_in else f"{other.__module__}:{other.__qualname__}"
+            raise ConfigError(f"{where}: the name {ep.name!r} is already taken by {owner}; rename the entry point")
+        register(ep.name)(cls)
+
+
+def _import_method(spec: str) -> type[Method]:
+    """The class ``spec`` (``module.path:ClassName``) names, imported; one-line errors for each way it fails. A
+    module in the current directory is found too (the ``retain`` command does not put it on ``sys.path``)."""
+    module_name, _, attr = spec.partition(":")
+    ident = r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*"
+    if not (re.fullmatch(ident, module_name) and re.fullmatch(ident, attr)):
+        raise ConfigError(f"method {spec!r}: a method of your own is named module.path:ClassName, e.g. "
+                          "mymethods:MyMethod")
+    try:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name is None or not (module_name + ".").startswith(e.name + ".") or os.getcwd() in sys.path:
+                raise
+            sys.path.append(os.getcwd())
+            module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name is not None and (module_name + ".").startswith(e.name + "."):
+            raise ConfigError(f"method {spec!r}: no module named {e.name!r}; put {e.name.replace('.', '/')}.py "
+                              "in the current directory or on PYTHONPATH") from None
+        raise ConfigError(f"method {spec!r}: importing {module_name} failed ({_one_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 - a fault in the user's module, in one line (a misspelled hook too)
+        raise ConfigError(f"method {spec!r}: importing {module_name} failed ({_one_line(e)})") from None
+    obj: Any = module
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            found = sorted(k for k, v in vars(module).items() if isinstance(v, type) and issubclass(v, Method)
+                           and v.__module__ == module.__name__)
+            raise ConfigError(f"method {spec!r}: module {module_name} has no {attr}; the Method classes it "
+                              f"defines: {', '.join(found) or 'none'}")
+    if not (isinstance(obj, type) and issubclass(obj, Method)):
+        raise ConfigError(f"method {spec!r}: {attr} is a {type(obj).__name__}, not a subclass of "
+                          "retain.method.Method")
+    return obj
 
 
 # Names that were registered once and now mean something else, with the hint the unknown-name error gives.
@@ -325,29 +444,38 @@ RENAMED = {"oml": "renamed maml_replay: it is the course chapter's MAML-style on
                   "White's OML"}
 
 
+def _part(name: str, registry: dict[str, type[Method]]) -> type[Method]:
+    if ":" in name:
+        return _import_method(name)
+    if name in registry:
+        return registry[name]
+    hint = f" ({RENAMED[name]})" if name in RENAMED else ""  # e.g. "unknown method 'oml' (renamed ...)"
+    raise ConfigError(f"unknown method {name!r}{hint}; choose one of {', '.join(registry)} (or join them with +, "
+                      "e.g. ewc+er; or a class of your own as module:Class, e.g. mymethods:MyMethod)")
+
+
 def method_class(name: str) -> type[Method]:
-    """The class registered as ``name``; ``a+b`` (any registered methods joined with ``+``) is a hybrid built on
-    demand: ``Compose`` of the parts in order, with every part's hyper-parameters (``ewc+er`` = EWC then ER)."""
+    """The method class ``name`` means; the one place method names are parsed. ``name`` is a registered name
+    (built in, or a plugin's entry point), ``module.path:ClassName`` (imported; worker processes import it again
+    from this name), or ``a+b`` of any of these, a hybrid built on demand: ``Compose`` of the parts in order,
+    with every part's hyper-parameters (``ewc+er`` = EWC then ER; ``ewc+mymethods:MyMethod``)."""
     registry = methods()
     if name in registry:
         return registry[name]
     if name in REGISTRY:  # a hybrid built before
         return REGISTRY[name]
     parts = [p.strip() for p in str(name).split("+")]
-    missing = [p for p in parts if p not in registry]
-    if missing or len(parts) < 2:
-        bad = missing[0] if missing else name
-        hint = f" ({RENAMED[bad]})" if bad in RENAMED else ""  # e.g. "unknown method 'oml' (renamed ...)"
-        raise ConfigError(f"unknown method {bad!r}{hint}; choose one of {', '.join(registry)} (or join them with "
-                          "+, e.g. ewc+er)")
+    if len(parts) < 2:
+        return _part(parts[0], registry)
+    classes = tuple(_part(p, registry) for p in parts)
     try:
-        hybrid = type(name.upper().replace("+", "_"), (Compose,), {"parts": tuple(registry[p] for p in parts)})
+        hybrid = type(re.sub(r"\W", "_", name.upper()), (Compose,), {"parts": classes})
     except TypeError as e:
         raise ConfigError(f"cannot combine {name}: {e}") from None
     hybrid.__doc__ = f"{' + '.join(parts)} together (composed on the fly)."
     presets: dict[str, dict[str, Any]] = {}  # each part's tuned values for a benchmark/mode apply to the hybrid
-    for p in parts:
-        for key, values in registry[p].presets.items():
+    for cls in classes:
+        for key, values in cls.presets.items():
             presets.setdefault(key, {}).update(values)
     hybrid.presets = presets
     return register(name)(hybrid)

@@ -2,7 +2,7 @@
 
 Each :class:`Protocol` records the settings a paper used (as run-configuration fields), its rows (a method,
 hyper-parameters, per-row training overrides) and the numbers it reports per scenario mode: final average
-accuracy in %, with the spread as published (SEM or std). Sources: ../shared/PROTOCOLS.md (P1, P2, P3).
+accuracy in %, with the spread as published (SEM or std). Sources: docs/protocols.md (P1, P2, P3).
 A row whose method is not registered, or whose hyper-parameters the method does not take, is skipped with a
 note; ``--quick`` runs a reduced version (fewer seeds and steps) and says so beside the numbers.
 """
@@ -168,3 +168,66 @@ def get(name: str) -> Protocol:
     if key not in PROTOCOLS:
         raise ConfigError(f"unknown protocol {name!r}; choose one of {', '.join(PROTOCOLS)}")
     return PROTOCOLS[key]
+
+
+# ------------------------------------------------------------------------------------ retain beside the paper
+
+def _same(a: Any, b: Any) -> bool:
+    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731  (records hold JSON lists)
+    return norm(a) == norm(b)
+
+
+def row_of(proto: Protocol, config: dict[str, Any]) -> Row | None:
+    """The protocol row a run's recorded configuration belongs to: its method, with the row's hyper-parameters
+    and training overrides; the most specific row wins (``DGR + distill`` over ``DGR``)."""
+    params = config.get("params") or {}
+    best, best_n = None, -1
+    for row in proto.rows:
+        if row.method != config.get("method"):
+            continue
+        if all(_same(params.get(k), v) for k, v in row.params.items()) and \
+                all(_same(config.get(k), v) for k, v in row.train.items()):
+            n = len(row.params) + len(row.train)
+            if n > best_n:
+                best, best_n = row, n
+    return best
+
+
+def final_acc(proto: Protocol, record: dict[str, Any]) -> float:
+    """A finished run's final average accuracy as the paper counts it (over tasks ``[metric_tasks:]``)."""
+    import numpy as np
+
+    R = np.asarray(record["accuracy_matrix"], dtype=float)[proto.metric_tasks:, proto.metric_tasks:]
+    return float(np.nanmean(R[-1]))
+
+
+def comparison(proto: Protocol, cells: list[tuple[Row, str, list[dict[str, Any]]]]
+               ) -> tuple[list[str], list[list[str]]]:
+    """The table of retain beside the paper: per (row, mode, its runs) the seeds that finished, retain's ACC %
+    (± std over seeds), the published number (± as published) and the difference in percent points."""
+    from retain.experiments import aggregate
+
+    body = []
+    most = 0
+    for row, mode, records in cells:
+        mean, sd, n = aggregate([final_acc(proto, r) for r in records if r["status"] == "done"])
+        most = max(most, n)
+        pub = (row.published or {}).get(mode)
+        ours = f"{100 * mean:.2f}" + (f" ± {100 * sd:.2f}" if n > 1 else "") if n else "failed"
+        paper = (f"{pub[0]:.2f}" + (f" ± {pub[1]:.2f}" if pub[1] is not None else "")) if pub else "—"
+        diff = f"{100 * mean - pub[0]:+.2f}" if pub and n else "—"
+        body.append([row.label, mode, str(n), ours, paper, diff])
+    spread = "std" if most > 1 else "one seed"
+    return ["method", "mode", "seeds", f"retain ACC % ({spread})", f"paper ({proto.spread})", "difference"], body
+
+
+def cells_of(proto: Protocol, records: list[dict[str, Any]]) -> list[tuple[Row, str, list[dict[str, Any]]]]:
+    """Runs from a store grouped by the protocol row and mode they ran, in the protocol's order."""
+    found: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for rec in records:
+        row = row_of(proto, rec["config"])
+        mode = rec["config"].get("mode")
+        if row is not None and mode in proto.modes:
+            found.setdefault((proto.rows.index(row), mode), []).append(rec)
+    return [(proto.rows[i], mode, found[(i, mode)]) for i in range(len(proto.rows)) for mode in proto.modes
+            if (i, mode) in found]

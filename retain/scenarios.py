@@ -107,6 +107,25 @@ class Scenario:
     std: tuple[float, ...] = (1.0,)
     info: dict = field(default_factory=dict)
 
+    def __repr__(self) -> str:  # a summary, not 23,000 characters of tensors
+        sizes = [len(t.train_idx) for t in self.tasks]
+        classes = " ".join("{" + ",".join(map(str, t.classes)) + "}" for t in self.tasks)
+        source = self.info.get("source", "")
+        return (f"Scenario({self.name!r}, {self.mode}-IL, {self.n_tasks} tasks {classes}, "
+                f"{sum(sizes)} training rows ({min(sizes)}-{max(sizes)} per task), "
+                f"{'no' if self.y_test is None else len(self.y_test)} test rows, inputs {list(self.input_shape)}, "
+                f"{self.n_outputs} outputs" + (f", transform {self.transform}" if self.transform else "")
+                + (f", from {source}" if source else "") + ")")
+
+    def arrays(self) -> Arrays:
+        """The data under this scenario (its train and test tensors), to build another scenario on, e.g.
+        ``permuted(sc)``; a scenario made without a test set cannot give one."""
+        if self.x_test is None or self.y_test is None:
+            raise ConfigError(f"scenario {self.name!r} has no test set (a training view?); build it from the data")
+        n_classes = int(max(self.y_train.max(), self.y_test.max())) + 1
+        return Arrays(self.name, self.x_train, self.y_train, self.x_test, self.y_test, n_classes, self.mean,
+                      self.std, source=self.info.get("source", ""))
+
     # ------------------------------------------------------------------------------------------------- shape
     @property
     def n_tasks(self) -> int:
@@ -192,21 +211,27 @@ class Scenario:
             x = F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
         return x
 
-    def stream(self, batch_size: int, generator: torch.Generator, blurry: float = 0.0
+    def stream(self, batch_size: int, generator: torch.Generator, blurry: float = 0.0, passes: int = 1
                ) -> Iterator[tuple[Tensor, Tensor, int]]:
-        """A task-free stream: every task's training data once, as one sequence of batches with no boundaries.
+        """A task-free stream: every task's training data ``passes`` times, as one sequence of batches with no
+        boundaries.
 
         Yields ``(idx, t, task_done)`` where ``task_done`` is the number of tasks whose data has fully passed (the
         trainer evaluates there; the method is never told). ``blurry`` in [0, 1) blurs the transitions: each
         sample's position is its task index plus a uniform draw over ``[-blurry, 1 + blurry)``, so neighbouring
-        tasks overlap over a band of width ``2 * blurry`` (0 = sharp boundaries, shuffled within each task).
+        tasks overlap over a band of width ``2 * blurry`` (0 = sharp boundaries, shuffled within each task). With
+        ``passes`` > 1 the task's band holds its data that many times, pass after pass (each pass in its own
+        order), so every sample is seen ``passes`` times while its task streams by (``--epochs`` on a task-free
+        run); the stream of one pass is the same as without the argument.
         """
         data = self.task_data(range(self.n_tasks))
-        u = torch.rand(len(data), generator=generator).to(data.idx.device)
-        key = data.t.float() + u * (1 + 2 * blurry) - blurry
+        n = len(data)
+        u = torch.rand(n * passes, generator=generator).to(data.idx.device)
+        within = (torch.arange(passes, device=u.device).repeat_interleave(n) + u) / passes  # pass p: [p, p+1)/passes
+        key = data.t.repeat(passes).float() + within * (1 + 2 * blurry) - blurry
         order = torch.argsort(key)
-        idx, t = data.idx[order], data.t[order]
-        ends = torch.cumsum(torch.tensor([len(task.train_idx) for task in self.tasks]), 0).tolist()
+        idx, t = data.idx.repeat(passes)[order], data.t.repeat(passes)[order]
+        ends = torch.cumsum(torch.tensor([passes * len(task.train_idx) for task in self.tasks]), 0).tolist()
         done = 0
         for start in range(0, len(idx), batch_size):
             stop = min(start + batch_size, len(idx))
@@ -311,8 +336,15 @@ def split(
     sc = Scenario(f"split-{data.name}", mode, tasks, data.x_train, data.y_train, data.x_test, data.y_test,
                   label_map, task_out, mean=data.mean, std=data.std,
                   info={"class_order": order, "task_order": list(task_order or range(n_tasks)),
-                        "source": data.source})
+                        "source": data.source, "unverified": _unverified(data)})
     return sc.to(device)
+
+
+def _unverified(data: Arrays) -> str | None:
+    """The record's warning when some of the data's files match no published checksum (see retain.data)."""
+    from retain.data import unverified_warning
+
+    return unverified_warning(data) if getattr(data, "unverified", ()) else None
 
 
 def _same_classes(data: Arrays, mode: str, n_tasks: int, val_fraction: float, seed: int,
@@ -329,11 +361,13 @@ def _same_classes(data: Arrays, mode: str, n_tasks: int, val_fraction: float, se
     return tasks, label_map, task_out
 
 
-def permuted(data: Arrays, mode: str = "domain", n_tasks: int = 10, task_order: Sequence[int] | None = None,
-             first_identity: bool = True, val_fraction: float = 0.0, seed: int = 0,
-             device: str | torch.device = "cpu") -> Scenario:
+def permuted(data: Arrays | Scenario, mode: str = "domain", n_tasks: int = 10,
+             task_order: Sequence[int] | None = None, first_identity: bool = True, val_fraction: float = 0.0,
+             seed: int = 0, device: str | torch.device = "cpu") -> Scenario:
     """Permuted tasks: one fixed random pixel permutation per task (task 0 unpermuted when ``first_identity``,
-    as in van de Ven's code). In class-IL each task gets its own block of outputs (10 x T classes)."""
+    as in van de Ven's code). In class-IL each task gets its own block of outputs (10 x T classes). ``data``: the
+    dataset's arrays, or a scenario whose data to use (e.g. one made with :func:`from_tensors`)."""
+    data = data.arrays() if isinstance(data, Scenario) else data
     g = torch.Generator().manual_seed(seed)
     tasks, label_map, task_out = _same_classes(data, mode, n_tasks, val_fraction, seed, g)
     d = int(torch.tensor(data.x_train.shape[1:]).prod())
@@ -342,14 +376,17 @@ def permuted(data: Arrays, mode: str = "domain", n_tasks: int = 10, task_order: 
     if task_order is not None:
         perms = perms[list(task_order)]
     sc = Scenario(f"permuted-{data.name}", mode, tasks, data.x_train, data.y_train, data.x_test, data.y_test,
-                  label_map, task_out, "permute", perms, data.mean, data.std, {"source": data.source})
+                  label_map, task_out, "permute", perms, data.mean, data.std,
+                  {"source": data.source, "unverified": _unverified(data)})
     return sc.to(device)
 
 
-def rotated(data: Arrays, mode: str = "domain", n_tasks: int = 10, angles: Sequence[float] | None = None,
+def rotated(data: Arrays | Scenario, mode: str = "domain", n_tasks: int = 10, angles: Sequence[float] | None = None,
             task_order: Sequence[int] | None = None, val_fraction: float = 0.0, seed: int = 0,
             device: str | torch.device = "cpu") -> Scenario:
-    """Rotated tasks: task t rotates every image by ``angles[t]`` degrees (default: evenly over [0, 180))."""
+    """Rotated tasks: task t rotates every image by ``angles[t]`` degrees (default: evenly over [0, 180)).
+    ``data``: the dataset's arrays, or a scenario whose data to use."""
+    data = data.arrays() if isinstance(data, Scenario) else data
     if data.x_train.dim() != 4:
         raise ConfigError("rotated scenarios need image data [N, C, H, W]")
     angles = list(angles) if angles is not None else [180.0 * i / n_tasks for i in range(n_tasks)]
@@ -365,7 +402,7 @@ def rotated(data: Arrays, mode: str = "domain", n_tasks: int = 10, angles: Seque
     theta = torch.stack([torch.stack([c, -s, z], 1), torch.stack([s, c, z], 1)], 1)  # [T, 2, 3]
     sc = Scenario(f"rotated-{data.name}", mode, tasks, data.x_train, data.y_train, data.x_test, data.y_test,
                   label_map, task_out, "rotate", theta, data.mean, data.std,
-                  {"angles": angles, "source": data.source})
+                  {"angles": angles, "source": data.source, "unverified": _unverified(data)})
     return sc.to(device)
 
 

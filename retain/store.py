@@ -41,6 +41,8 @@ CREATE TABLE IF NOT EXISTS runs (
     warnings TEXT,
     peak_memory_mb REAL,
     memory TEXT,                    -- JSON: the method's sample memory {"rows", "bytes"}
+    model TEXT,                     -- JSON: {"class", "parameters"} of the model trained
+    scenario TEXT,                  -- JSON: the scenario in one line
     error TEXT, error_task INTEGER, error_step INTEGER,
     host TEXT, pid INTEGER,
     created REAL NOT NULL, started REAL, finished REAL
@@ -55,9 +57,9 @@ CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
 """
 
 _JSON_COLUMNS = ("config", "accuracy_matrix", "baseline", "val_matrix", "metrics", "timings", "versions", "warnings",
-                 "memory")
+                 "memory", "model", "scenario")
 # Columns added after stores had been written: added to an older store when it is opened for writing.
-_ADDED_COLUMNS = {"memory": "TEXT"}
+_ADDED_COLUMNS = {"memory": "TEXT", "model": "TEXT", "scenario": "TEXT"}
 
 
 class StoreError(RetainError):
@@ -237,18 +239,19 @@ class Store:
         row = (status, config.get("benchmark"), config.get("method"), config.get("mode"), config.get("seed"),
                json.dumps(_clean(config), sort_keys=True), j("accuracy_matrix"), j("baseline"), j("val_matrix"),
                j("metrics"), j("timings"), j("versions"), j("warnings"), result.get("peak_memory_mb"), j("memory"),
+               j("model"), j("scenario"),
                *(error or (None, None, None)), socket.gethostname(), os.getpid(), now, now)
         with self._write(f"record run {hash_}") as db:
             db.execute(
                 "INSERT INTO runs(status, benchmark, method, mode, seed, config, accuracy_matrix, baseline, "
-                "val_matrix, metrics, timings, versions, warnings, peak_memory_mb, memory, error, error_task, "
-                f"error_step, host, pid, created, finished, hash) VALUES ({', '.join('?' * 23)}) "
+                "val_matrix, metrics, timings, versions, warnings, peak_memory_mb, memory, model, scenario, error, "
+                f"error_task, error_step, host, pid, created, finished, hash) VALUES ({', '.join('?' * 25)}) "
                 "ON CONFLICT(hash) DO UPDATE SET status=excluded.status, benchmark=excluded.benchmark, "
                 "method=excluded.method, mode=excluded.mode, seed=excluded.seed, config=excluded.config, "
                 "accuracy_matrix=excluded.accuracy_matrix, baseline=excluded.baseline, "
                 "val_matrix=excluded.val_matrix, metrics=excluded.metrics, timings=excluded.timings, "
                 "versions=excluded.versions, warnings=excluded.warnings, peak_memory_mb=excluded.peak_memory_mb, "
-                "memory=excluded.memory, "
+                "memory=excluded.memory, model=excluded.model, scenario=excluded.scenario, "
                 "error=excluded.error, error_task=excluded.error_task, error_step=excluded.error_step, "
                 "host=excluded.host, pid=excluded.pid, finished=excluded.finished",
                 (*row, hash_))

@@ -14,8 +14,17 @@ MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
 
 @pytest.fixture(autouse=True)
-def _threads():
+def _threads(monkeypatch):
+    """One torch thread in every test, in-process runs included (retain.config.default_threads reads
+    OMP_NUM_THREADS), so exact comparisons with subprocesses do not depend on the machine's load."""
     torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path_factory, monkeypatch):
+    """Each test's ~/.cache/retain (checksum cache, downloads) is its own: nothing written to the real home."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
 
 
 @pytest.fixture

@@ -1,17 +1,28 @@
-"""Data readers on small files the tests write, including corrupted ones; search order; download; digits."""
+"""Data readers on small files the tests write, including corrupted ones; search order; download; digits;
+which dataset a folder of IDX files really holds (checksums)."""
 
 import gzip
 import hashlib
 import os
 import pickle
+import shutil
 import struct
+import types
 
 import numpy as np
 import pytest
 import torch
 
 from retain import data
+from retain.cli import main
 from retain.errors import DataError
+
+
+@pytest.fixture(autouse=True)
+def _private_checksum_cache(tmp_path, monkeypatch):
+    """Each test hashes into its own cache: nothing is written to the user's, and no test sees another's."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    monkeypatch.setattr(data, "_MD5_MEMO", {}, raising=False)
 
 
 def idx_bytes(arr: np.ndarray, magic: int) -> bytes:
@@ -166,3 +177,84 @@ def test_digits_are_offline_uint8_and_stratified():
     assert len(a.y_train) + len(a.y_test) == 1797
     counts = torch.bincount(a.y_test, minlength=10)
     assert counts.min() >= 50  # every class in the test set
+
+
+# ---------------------------------------------------------------------------- the right dataset or a clear error
+
+@pytest.fixture
+def mnist_copy(mnist_dir, tmp_path):
+    """The four published MNIST gzip files, copied where a test may rename or replace them."""
+    return shutil.copytree(mnist_dir, tmp_path / "looks-like-fashion")
+
+
+@pytest.mark.parametrize("benchmark, shown", [("split-fashion-mnist", "Fashion-MNIST"), ("split-kmnist", "KMNIST")])
+def test_mnist_asked_for_as_another_dataset_is_refused(mnist_copy, tmp_path, monkeypatch, capsys, benchmark, shown):
+    monkeypatch.chdir(tmp_path)  # should the run go ahead, its records stay in tmp
+    code = main(["run", "--benchmark", benchmark, "--data-dir", str(mnist_copy), "--iterations", "1", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err == (f"retain: error: {mnist_copy / 'train-images-idx3-ubyte.gz'} is MNIST's training images, not "
+                   f"{shown}'s; point --data-dir (or RETAIN_DATA) at a folder of {shown} files")
+
+
+def test_retain_data_pointing_at_mnist_is_refused_too(mnist_copy, monkeypatch):
+    monkeypatch.setenv("RETAIN_DATA", str(mnist_copy))
+    with pytest.raises(DataError, match="is MNIST's training images, not Fashion-MNIST's") as e:
+        data.load("fashion-mnist")
+    assert e.value.exit_code == 2
+
+
+def test_published_mnist_is_accepted_as_verified_also_when_recompressed(mnist_copy):
+    labels = mnist_copy / "t10k-labels-idx1-ubyte.gz"
+    with gzip.open(labels) as f:
+        raw = f.read()
+    labels.write_bytes(gzip.compress(raw, mtime=0))  # other gzip bytes, the same content
+    assert hashlib.md5(labels.read_bytes()).hexdigest() != dict(data.SOURCES["mnist"].files)[labels.name]
+    a = data.load("mnist", mnist_copy)
+    assert a.unverified == () and data.unverified_warning(a) is None
+    assert a.x_train.shape == (60000, 1, 28, 28) and a.y_test.shape == (10000,)
+
+
+def test_recompressed_or_uncompressed_mnist_file_is_still_recognised(mnist_dir, tmp_path):
+    with gzip.open(mnist_dir / "t10k-labels-idx1-ubyte.gz") as f:
+        raw = f.read()
+    folder = write_mnist_like(tmp_path / "raw", gz=False)
+    (folder / "t10k-labels-idx1-ubyte").write_bytes(raw)
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte is MNIST's test labels, not KMNIST's"):
+        data.load("kmnist", folder)
+    folder = write_mnist_like(tmp_path / "regz")
+    (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(raw, mtime=0))
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz is MNIST's test labels, not Fashion-MNIST's"):
+        data.load("fashion-mnist", folder)
+
+
+def test_swapped_files_of_the_right_dataset_are_named(mnist_copy):
+    train, test = mnist_copy / "train-labels-idx1-ubyte.gz", mnist_copy / "t10k-labels-idx1-ubyte.gz"
+    train.rename(mnist_copy / "swap")
+    test.rename(train)
+    (mnist_copy / "swap").rename(test)
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte.gz is MNIST's test labels, not its training labels"):
+        data.load("mnist", mnist_copy)
+
+
+def test_unknown_files_are_accepted_and_flagged(tmp_path):
+    folder = write_mnist_like(tmp_path / "mine")
+    a = data.load("fashion-mnist", folder)
+    assert len(a.y_train) == 20
+    assert sorted(a.unverified) == sorted(str(folder / f"{s}.gz") for s in data.IDX_FILES.values())
+    assert "match no published checksum" in data.unverified_warning(a)
+    assert data.load_idx_folder(folder, "my-own-data").unverified == ()  # no table to check a user's dataset against
+
+
+def test_checksums_are_cached_per_path_size_and_mtime(tmp_path, monkeypatch):
+    folder = write_mnist_like(tmp_path / "mine")
+    assert len(data.load("mnist", folder).unverified) == 4
+    calls = []
+    real_md5 = hashlib.md5
+    monkeypatch.setattr(data, "hashlib", types.SimpleNamespace(md5=lambda *a: calls.append(1) or real_md5(*a)))
+    monkeypatch.setattr(data, "_MD5_MEMO", {})  # a new process: only the cache on disk remains
+    assert len(data.load("mnist", folder).unverified) == 4 and calls == []
+    p = folder / "t10k-labels-idx1-ubyte.gz"
+    os.utime(p, ns=(p.stat().st_atime_ns, p.stat().st_mtime_ns + 10**9))  # a changed file is hashed again
+    data.load("mnist", folder)
+    assert len(calls) == 2  # its gzip bytes and its content

@@ -31,7 +31,7 @@ def test_compare_table_and_workers_give_identical_results(tmp_path, capsys):
                        "--workers", "1", *TINY)
     assert code == 0
     header = next(line for line in out.splitlines() if line.startswith("| mode"))
-    for col in ("method", "ACC %", "BWT", "FWT", "forgetting", "train s", "peak MB"):
+    for col in ("method", "ACC %", "BWT", "FWT", "forgetting", "memory rows", "memory MB", "train s"):
         assert col in header
     rows = [line for line in out.splitlines() if re.match(r"\| class +\| (finetune|er) ", line)]
     assert len(rows) == 2 and all(" ± " in r for r in rows)
@@ -130,7 +130,7 @@ def test_sweep_end_to_end_with_a_failed_candidate(tmp_path, capsys):
     out_json = tmp_path / "chosen.json"
     code, out, _ = cli(capsys, "sweep", str(f), "--store", str(tmp_path / "s.db"), "--quiet", "--workers", "1",
                        "--json", str(out_json))
-    assert code == 0 and "failed" in out and "Pareto" in out
+    assert code == 1 and "failed" in out and "Pareto" in out  # a partial failure: the report, then exit 1
     chosen = json.loads(out_json.read_text())
     vals = [c["val_score"] for c in chosen["candidates"] if c["val_score"] is not None]
     assert len(vals) == 2  # the diverged one is recorded as failed, the others ran

@@ -8,6 +8,7 @@ schema, config files, output files) at the bottom, :mod:`retain.cli.run` (run, m
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from typing import Any
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "debug", False):
             traceback.print_exc()
         return e.exit_code
+    except BrokenPipeError:  # `retain runs | head`: the reader left; nothing is wrong with the run
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - so the interpreter's final flush does not fail again
+        return 0
     except KeyboardInterrupt:
         resumable = args.command == "run" and (args.store or args.checkpoint_every or args.resume)
         resumable = resumable or args.command in ("compare", "orders", "sweep", "reproduce")

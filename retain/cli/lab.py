@@ -97,16 +97,37 @@ def _method_params(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, di
 
 
 def _failures(records: list[dict[str, Any]]) -> int:
-    """List the failed runs; the exit code: 0 unless every run failed (then 2 when each failed on bad input such
-    as missing data, else 1)."""
+    """One line per distinct error of the failed runs (with the runs it hit), and the exit code: 0 when every run
+    finished; otherwise 2 when every failure was bad input (missing data, a refused configuration), else 1 — for a
+    partial failure too, after the table of what ran."""
     failed = [r for r in records if r and r["status"] == "failed"]
-    for r in failed:
-        where = f" (task {r['error_task']}, step {r['error_step']})" if r.get("error_step") is not None else ""
-        print(f"failed: {r['config'].get('method')} seed {r['config'].get('seed')}: {r['error']}{where}")
-    if not records or len(failed) < len(records):
+    if not failed:
         return 0
-    print(f"retain: error: all {len(records)} run(s) failed", file=sys.stderr)
+    by_error: dict[str, list[str]] = {}
+    for r in failed:
+        c = r["config"]
+        label = f"{c.get('method')} {c.get('mode')} s{c.get('seed')}" + (
+            f" at global step {r['error_step']}" if r.get("error_step") is not None else "")
+        by_error.setdefault(str(r["error"]), []).append(label)
+    for error, labels in by_error.items():
+        shown = ", ".join(labels[:4]) + (f" and {len(labels) - 4} more" if len(labels) > 4 else "")
+        print(f"failed: {len(labels)} run(s) ({shown}): {error}")
+    what = f"all {len(records)}" if len(failed) == len(records) else f"{len(failed)} of {len(records)}"
+    print(f"retain: error: {what} run(s) failed (see the lines above; the store keeps each reason)", file=sys.stderr)
     return 2 if all(r.get("exit_code") == 2 for r in failed) else 1
+
+
+def _check_data(jobs: list) -> None:
+    """Refuse, before the first run, a benchmark whose data is nowhere (one line, exit 2), instead of one failed
+    run per configuration."""
+    from retain import benchmarks, data
+
+    for bench, data_dir, download in sorted({(j.config.benchmark, j.config.data_dir, j.config.download)
+                                             for j in jobs}, key=str):
+        if bench in benchmarks.BENCHMARKS and not download:
+            dataset = benchmarks.get(bench).dataset
+            if data.locate(dataset, data_dir) is None:
+                data.load(dataset, data_dir)  # raises the DataError that says where it looked and how to get it
 
 
 def _base(args: argparse.Namespace) -> tuple[RunConfig, dict[str, str], dict[str, dict[str, str]]]:
@@ -149,13 +170,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     seeds = _seeds(args.seeds, 3)
     jobs = ex.compare_jobs(base, methods, seeds, modes, note,
                            {m: {**common, **per.get(m, {})} for m in methods})
+    _check_data(jobs)
     store = open_store(args)
     bench = jobs[0].config.benchmark if jobs else base.benchmark
     print(f"compare on {bench}: {', '.join(methods)} x {len(seeds)} seed(s) x "
           f"{', '.join(sorted({j.config.mode for j in jobs})) or '-'}-IL; store {store.path}")
     records = _run(args, jobs, store, args.name or f"compare {bench}", "compare ")
     print(ex.compare_table(records, args.interval))
-    return _failures(records)
+    code = _failures(records)
+    print(f"plots and every run's accuracy matrix: retain report --store {store.path}")
+    return code
 
 
 # ------------------------------------------------------------------------------------------------- orders
@@ -172,9 +196,10 @@ def cmd_orders(args: argparse.Namespace) -> int:
     seeds = _seeds(args.seeds, 1)
     for m in methods:  # every method's configuration checked before the difficulty runs start
         ex.make_job(base, method=m, params={**common, **per.get(m, {})})
+    difficulty = ex.difficulty_jobs(base, seeds)
+    _check_data(difficulty)
     store = open_store(args)
     name = args.name or f"orders {base.benchmark}"
-    difficulty = ex.difficulty_jobs(base, seeds)
     diff = _run(args, difficulty, store, name, "difficulty ")
     n = len(difficulty) // len(seeds)
     ease = []
@@ -211,6 +236,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     base = RunConfig(data_dir=args.data_dir, download=args.download)
     sweep = ex.parse_sweep(data, args.file, base)
     pairs = ex.sweep_jobs(sweep)
+    _check_data([j for _, j in pairs])
     store = open_store(args)
     print(f"sweep {sweep.name}: {len(sweep.candidates)} configuration(s) x {len(sweep.modes)} mode(s) x "
           f"{len(sweep.seeds)} seed(s) = {len(pairs)} runs; store {store.path}")
@@ -236,8 +262,6 @@ def _jsonable(obj: Any) -> Any:
 # ---------------------------------------------------------------------------------------------- reproduce
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from retain import experiments as ex
     from retain import reproduce
     from retain.method import methods as registry
@@ -274,29 +298,15 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                 break
             plan.append((row, mode, len(jobs), len(row_jobs)))
             jobs += row_jobs
+    _check_data(jobs)
     store = open_store(args)
     reduced = " (QUICK: reduced — " + ", ".join(f"{k}={v}" for k, v in proto.quick.items()) + \
         " — not the paper's protocol)" if args.quick else ""
     print(f"reproduce {proto.name}: {proto.title}{reduced}")
     print(f"source: {proto.source}")
     records = _run(args, jobs, store, f"reproduce {proto.name}" + (" quick" if args.quick else ""), "reproduce ")
-    body = []
-    for row, mode, start, count in plan:
-        accs = []
-        for rec in records[start:start + count]:
-            if rec["status"] != "done":
-                continue
-            R = np.asarray(rec["accuracy_matrix"], dtype=float)[proto.metric_tasks:, proto.metric_tasks:]
-            accs.append(float(np.nanmean(R[-1])))
-        mean, sd, n = ex.aggregate(accs)
-        pub = (row.published or {}).get(mode)
-        ours = f"{100 * mean:.2f}" + (f" ± {100 * sd:.2f}" if n > 1 else "") if n else "failed"
-        paper = (f"{pub[0]:.2f}" + (f" ± {pub[1]:.2f}" if pub[1] is not None else "")) if pub else "—"
-        diff = f"{100 * mean - pub[0]:+.2f}" if pub and n else "—"
-        body.append([row.label, mode, str(n), ours, paper, diff])
-    spread = "std" if len(seeds) > 1 else "one seed"
-    print(ex.markdown(["method", "mode", "seeds", f"retain ACC % ({spread})", f"paper ({proto.spread})",
-                       "difference"], body))
+    head, body = reproduce.comparison(proto, [(row, mode, records[s:s + c]) for row, mode, s, c in plan])
+    print(ex.markdown(head, body))  # the same table as the report's reproduce section
     if proto.metric_tasks:
         print(f"(accuracy over the tasks after the first {proto.metric_tasks}, as the paper reports)")
     if proto.note:
@@ -324,6 +334,7 @@ def _selected(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
+    from retain.experiments import _fmt_value as ex_fmt
     from retain.experiments import markdown
 
     rows = _selected(args)
@@ -337,13 +348,13 @@ def cmd_runs(args: argparse.Namespace) -> int:
         c = r["config"]
         detail = (f"{100 * acc:.2f}" if acc is not None and math.isfinite(acc) else
                   (r.get("error") or "")[:60] if r["status"] == "failed" else "")
-        extra = ", ".join(f"{k}={v}" for k, v in (c.get("params") or {}).items())
+        extra = ", ".join(f"{k}={ex_fmt(v)}" for k, v in (c.get("params") or {}).items())  # in full
         if c.get("task_order"):
             extra += (", " if extra else "") + "order " + "-".join(map(str, c["task_order"]))
         if c.get("alone") is not None:
             extra += (", " if extra else "") + f"task {c['alone']} alone"
         body.append([r["hash"][:10], r["status"], str(c.get("benchmark")), str(c.get("mode")),
-                     str(c.get("method")), str(c.get("seed")), extra[:50], detail])
+                     str(c.get("method")), str(c.get("seed")), extra, detail])
     print(markdown(["id", "status", "benchmark", "mode", "method", "seed", "configuration", "ACC % / error"],
                    body))
     print(f"{len(rows)} run(s)")

@@ -75,7 +75,7 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_common_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress (the bar, or the log lines outside a terminal)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -128,13 +128,18 @@ def with_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ar
             raise ConfigError(f"{args.config}: option {key!r} must be true or false, got {value!r}")
         if getattr(args, key, None) != action.default:  # typed on the command line: it wins
             continue
-        if isinstance(value, (list, tuple)):
+        if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float)) for v in value):
             value = ",".join(map(str, value))
-        if action.type is not None and isinstance(value, str):
-            try:
-                value = action.type(value)
-            except (TypeError, ValueError):
-                raise ConfigError(f"{args.config}: option {raw_key!r}: invalid value {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{args.config}: option {key!r} expects a value like its flag {action.option_strings[-1]}"
+                              f", got {value!r}")
+        try:
+            value = (action.type or str)(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{args.config}: option {key!r}: invalid value {value!r}") from None
+        if action.choices is not None and value not in action.choices:
+            raise ConfigError(f"{args.config}: option {key!r} must be one of {', '.join(map(str, action.choices))}, "
+                              f"got {value!r}")
         setattr(args, key, value)
     return args
 
@@ -177,16 +182,34 @@ def check_writable_file(path: str | None, flag: str) -> None:
 # ------------------------------------------------------------------------------------------------- progress
 
 class ProgressBar:
-    """One line on stderr, redrawn at most 10 times a second: task, step, loss."""
+    """A run's progress on stderr. In a terminal: one line redrawn at most 10 times a second (task, step, loss).
+    Elsewhere (a log file, CI): a plain line every ``interval`` seconds with the task, step, loss, the rate in
+    steps per second and the run's ETA, so a long run shows it is alive. ``enabled=False`` (``--quiet``) draws
+    nothing. ``task_free``: the steps count over one stream of every task (the trainer's task-free reports);
+    a stream is also recognised by a task change without the step count restarting. ``clock`` is for tests."""
 
-    def __init__(self, n_tasks: int, label: str = "", enabled: bool = True):
-        self.n_tasks, self.label = n_tasks, label
-        self.enabled = enabled and sys.stderr.isatty()
+    LOG_EVERY_S = 30.0  # outside a terminal: often enough to see a run move, rare enough to keep a CI log short
+
+    def __init__(self, n_tasks: int, label: str = "", enabled: bool = True, *, task_free: bool = False,
+                 interval: float | None = None, clock: Any = time.monotonic):
+        self.n_tasks, self.label, self.clock, self.stream = n_tasks, label, clock, task_free
+        self.interval = self.LOG_EVERY_S if interval is None else interval
+        self.tty = sys.stderr.isatty()
+        self.enabled = enabled
         self.last = 0.0
+        self.t0: float | None = None  # the first report: rate and ETA count from there (after data loading)
+        self.start_steps = 0  # steps done when the first report came (a resumed run starts past 0)
+        self.task, self.step, self.n_steps = 0, 0, 0  # the last report
+        self.finished_steps = 0  # the steps of the tasks before the current one
 
     def __call__(self, task: int, step: int, n_steps: int, loss: float) -> None:
-        now = time.monotonic()
-        if not self.enabled or (now - self.last < 0.1 and step != n_steps):
+        if not self.enabled:
+            return
+        now = self.clock()
+        if not self.tty:
+            self._log(now, task, step, n_steps, loss)
+            return
+        if now - self.last < 0.1 and step != n_steps:
             return
         self.last = now
         width = 24
@@ -196,7 +219,38 @@ class ProgressBar:
                          f"loss {loss:.4f}   ")
         sys.stderr.flush()
 
+    def _log(self, now: float, task: int, step: int, n_steps: int, loss: float) -> None:
+        if task != self.task and not self.stream:
+            if step < self.step:  # the count restarted: the tasks in between are done, at the last one's length
+                self.finished_steps += (task - self.task) * self.n_steps
+            else:
+                self.stream = True
+        self.task, self.step, self.n_steps = task, step, n_steps
+        done = self.finished_steps + step
+        if self.t0 is None:
+            self.t0, self.start_steps, self.last = now, done, now
+            return
+        if now - self.last < self.interval:
+            return
+        self.last = now
+        rate = (done - self.start_steps) / max(now - self.t0, 1e-9)
+        left = n_steps - step + (0 if self.stream else (self.n_tasks - task - 1) * n_steps)  # later tasks as long
+        eta = self.duration(left / rate) if rate > 0 else "?"
+        sys.stderr.write(f"{self.label}task {task + 1}/{self.n_tasks} step {step}/{n_steps} loss {loss:.4f} "
+                         f"{rate:.1f} steps/s ETA {eta}\n")
+        sys.stderr.flush()
+
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and self.tty:
             sys.stderr.write("\r" + " " * 78 + "\r")
             sys.stderr.flush()
+
+    @staticmethod
+    def duration(seconds: float) -> str:
+        """``seconds`` for people: ``42s``, ``3m05s``, ``1h02m``."""
+        s = max(int(round(seconds)), 0)
+        if s < 60:
+            return f"{s}s"
+        if s < 3600:
+            return f"{s // 60}m{s % 60:02d}s"
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"

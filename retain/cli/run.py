@@ -27,7 +27,7 @@ from retain.config import Run, resolve
 from retain.errors import ConfigError, RetainError
 
 RESULT_KEYS = ("config", "accuracy_matrix", "baseline", "metrics", "timings", "versions", "warnings", "val_matrix",
-               "peak_memory_mb", "memory")
+               "peak_memory_mb", "memory", "model", "scenario")
 
 
 class RunFailed(RetainError):
@@ -58,7 +58,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.store or args.resume or args.checkpoint_every:
         result = _run_in_store(args, run)
     else:
-        bar = ProgressBar(run.config.n_tasks, enabled=not args.quiet)
+        bar = ProgressBar(run.config.n_tasks, enabled=not args.quiet, task_free=run.config.task_free)
         try:
             result = api.run(run, progress=bar)
         finally:
@@ -76,8 +76,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run_in_store(args: argparse.Namespace, run: Run) -> Any:
     """The run as a one-job experiment in the store (the job path compare and sweep use)."""
-    import torch
-
     from retain import api
     from retain.executors import InProcess
     from retain.experiments import run_jobs
@@ -93,9 +91,9 @@ def _run_in_store(args: argparse.Namespace, run: Run) -> Any:
         return api.Result(**{k: previous.get(k) for k in RESULT_KEYS})
     if args.resume and not (checkpoint_dir(store) / f"{job.hash}.ckpt").exists():
         note(f"no checkpoint of this configuration in {checkpoint_dir(store)}; starting from the beginning")
-    bar = _OneRun(ProgressBar(run.config.n_tasks, enabled=not args.quiet))
+    bar = _OneRun(ProgressBar(run.config.n_tasks, enabled=not args.quiet, task_free=run.config.task_free))
     (rec,) = run_jobs([job], store, InProcess(), force=args.force, quiet=args.quiet,
-                      checkpoint_every=args.checkpoint_every, notify=note, threads=torch.get_num_threads(),
+                      checkpoint_every=args.checkpoint_every, notify=note, threads=run.threads,
                       progress=bar, notify_failures=False)
     if rec["status"] != "done":
         raise RunFailed(f"{rec['error']}; recorded as failed in {store.path}", rec.get("exit_code", 1))
@@ -131,7 +129,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
             print(f"{'':<14}{pname} ({tname}, default {default!r}): {help_}")
         if cls.presets:
             print(f"{'':<12} presets for: {', '.join(sorted(cls.presets))}")
-    print("\nAny methods joined with + run together as one hybrid (e.g. --method ewc+er, si+der).")
+    print("\nAny methods joined with + run together as one hybrid (e.g. --method ewc+er, si+der). A class of your "
+          "own: --method module:Class (docs/design.md, Adding a method).")
     return 0
 
 

@@ -40,7 +40,7 @@ class EWC(Method):
     the paper does not say how many; labels are *sampled* once per sample rather than summed over all classes
     (an unbiased single-sample estimate of the same expectation, one backward per sample instead of one per
     class). Online EWC follows van de Ven et al.'s form F ← γF + F_new and default γ = 1 rather than Schwarz
-    et al.'s normalised Fisher with γ < 1, because P1/P2's published numbers (PROTOCOLS.md) used that form.
+    et al.'s normalised Fisher with γ < 1, because P1/P2's published numbers (docs/protocols.md) used that form.
     """
 
     lambda_: float = param(5000.0, "penalty strength (λ in the paper)")
