@@ -61,6 +61,16 @@ def available(names: Sequence[str]) -> tuple[list[str], list[str]]:
 
 # ---------------------------------------------------------------------------------------------- progress
 
+def duration(seconds: float) -> str:
+    """``seconds`` for people: ``42s``, ``3m05s``, ``1h02m`` (progress lines and ETAs, here and in the CLI)."""
+    s = max(int(round(seconds)), 0)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 class Overall:
     """The progress of many runs on stderr: the runs done of all, with the current run's label, task, step and
     loss. In a terminal one line redrawn in place; elsewhere (a log, CI) a plain line every ``interval`` seconds
@@ -140,15 +150,7 @@ class Overall:
             sys.stderr.write("\r" + " " * 119 + "\r")
             sys.stderr.flush()
 
-    @staticmethod
-    def duration(seconds: float) -> str:
-        """``seconds`` for people: ``42s``, ``3m05s``, ``1h02m``."""
-        s = max(int(round(seconds)), 0)
-        if s < 60:
-            return f"{s}s"
-        if s < 3600:
-            return f"{s // 60}m{s % 60:02d}s"
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    duration = staticmethod(duration)  # the module function, for the lines below
 
 
 # ------------------------------------------------------------------------------------------------- running

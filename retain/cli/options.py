@@ -247,10 +247,7 @@ class ProgressBar:
 
     @staticmethod
     def duration(seconds: float) -> str:
-        """``seconds`` for people: ``42s``, ``3m05s``, ``1h02m``."""
-        s = max(int(round(seconds)), 0)
-        if s < 60:
-            return f"{s}s"
-        if s < 3600:
-            return f"{s // 60}m{s % 60:02d}s"
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+        """``seconds`` for people (:func:`retain.experiments.duration`, imported when a line is written)."""
+        from retain.experiments import duration
+
+        return duration(seconds)
