@@ -297,6 +297,12 @@ def from_mapping(values: dict[str, Any], where: str = "") -> dict[str, Any]:
     """Run options from a mapping (a config file, keyword arguments): keys by name, dashes or underscores alike,
     each value coerced; ``params`` (or ``param``) holds the method's hyper-parameters. Unknown keys are an error
     listing the valid ones."""
+    return {key: coerce(key, value, where) for key, value in _by_option(values, where).items()}
+
+
+def _by_option(values: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """``values`` keyed by option name (dashes or underscores alike, ``param`` for ``params``), not yet coerced;
+    an unknown key is an error listing the valid ones."""
     out: dict[str, Any] = {}
     for raw_key, value in values.items():
         key = str(raw_key).replace("-", "_")
@@ -305,7 +311,7 @@ def from_mapping(values: dict[str, Any], where: str = "") -> dict[str, Any]:
         if key not in OPTIONS:
             raise ConfigError(f"{where + ': ' if where else ''}unknown option {raw_key!r}; valid options: "
                               f"{', '.join(OPTIONS)}")
-        out[key] = coerce(key, value, where)
+        out[key] = value
     return out
 
 
@@ -495,9 +501,9 @@ def resolve(config: RunConfig | dict[str, Any] | None = None, *, scenario: Any =
     from retain.method import Method, check_pairing, create
 
     if isinstance(config, dict):
-        config = RunConfig(**from_mapping(config, "config"))
-    config = dataclasses.replace(config or RunConfig(), **from_mapping(values, ""))
-    for o in OPTIONS.values():  # a RunConfig built by hand may hold strings ("0.01") or lists: one coercion
+        config = RunConfig(**_by_option(config, "config"))
+    config = dataclasses.replace(config or RunConfig(), **_by_option(values))
+    for o in OPTIONS.values():  # values from flags, files, the API or a hand-built RunConfig: one coercion
         setattr(config, o.name, coerce(o.name, getattr(config, o.name)))
     c = config
     if c.data_dir:

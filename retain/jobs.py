@@ -109,8 +109,6 @@ def execute(spec: dict[str, Any], options: dict[str, Any], index: int = 0, repor
         return {"status": "failed", "reason": str(e), "task": e.task, "step": e.step, "exit_code": e.exit_code}
     except RetainError as e:
         return {"status": "failed", "reason": str(e), "task": None, "step": None, "exit_code": e.exit_code}
-    except KeyboardInterrupt:
-        raise
     except Exception as e:  # noqa: BLE001 - a bug in one method must not take the sweep down
         last = traceback.extract_tb(e.__traceback__)[-1]
         return {"status": "failed", "reason": f"internal error {type(e).__name__}: {e} "

@@ -114,7 +114,7 @@ def with_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ar
     for raw_key, value in values.items():
         key = str(raw_key).replace("-", "_")
         key = "params" if key == "param" else key
-        if key in OPTIONS and key in actions or key == "params":
+        if key == "params" or (key in OPTIONS and key in actions):
             run_part[key] = value
         elif key in actions and key not in OPTIONS:
             own[key] = value
