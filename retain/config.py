@@ -39,20 +39,25 @@ from typing import Any
 from retain.errors import ConfigError
 
 MODES = ("task", "domain", "class")
+# retain's own models (retain.models.build_model) and on-device augmentation pipelines (retain.augment.PIPELINES)
+ARCHS = ("mlp", "resnet18", "resnet18-reduced", "resnet32")
+AUGMENTS = ("none", "crop-flip", "crop-flip-jitter", "rrc-flip", "rrc-flip-jitter")
 
 
 # ------------------------------------------------------------------------------------------------ the schema
 
 def option(default: Any, help: str, *, check: Callable[[Any], str | None] | None = None,  # noqa: A002
            choices: tuple[str, ...] | None = None, hash: str = "always", group: str = "training",  # noqa: A002
-           metavar: str | None = None) -> Any:
+           metavar: str | None = None, neutral: tuple[Any, ...] = (), aliases: tuple[str, ...] = ()) -> Any:
     """Declare a run option: a dataclass field whose metadata the CLI, files, sweeps and the store read.
 
     ``check(value)`` returns what is wrong with a (coerced, non-None) value as a phrase, or None. ``hash``:
     ``always``; ``unless-default`` (options added after stores were written: left out of the hash at their
-    default, so earlier runs keep their hashes); ``never`` (where the data is, not what the run is).
+    default, or at a ``neutral`` value that means the same run, so earlier runs keep their hashes); ``never``
+    (where the data is or how fast it runs, not what the run is). ``aliases``: more command-line flags.
     """
-    meta = {"help": help, "check": check, "choices": choices, "hash": hash, "group": group, "metavar": metavar}
+    meta = {"help": help, "check": check, "choices": choices, "hash": hash, "group": group, "metavar": metavar,
+            "neutral": neutral, "aliases": aliases}
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -99,7 +104,8 @@ class RunConfig:
                                     "over the method's preset", group="run", metavar="NAME=VALUE")
     seed: int = option(0, "random seed (default 0)", check=_seed, group="run")
     n_tasks: int | None = option(None, "number of tasks (default: the benchmark's)", check=_at_least(1))
-    arch: str | None = option(None, "model: mlp or resnet18 (default: the benchmark's)", choices=("mlp", "resnet18"))
+    arch: str | None = option(None, "model: " + ", ".join(ARCHS) + " (default: the benchmark's; see docs/vision.md)",
+                              choices=ARCHS, aliases=("--model",), metavar="NAME")
     hidden: tuple[int, ...] | None = option(None, "MLP hidden sizes, e.g. 400,400", check=_hidden, metavar="SIZES")
     epochs: int | None = option(None, "passes over each task's data", check=_at_least(1))
     iterations: int | None = option(None, "steps per task (instead of --epochs)", check=_at_least(1))
@@ -119,6 +125,20 @@ class RunConfig:
                              "(default: the benchmark's; permuted-mnist pads to 32x32 as van de Ven's loader)",
                              check=lambda v: None if v >= 0 else f"must be a whole number of pixels >= 0, got {v}",
                              metavar="PIXELS")
+    augment: str | None = option(
+        None, "training augmentation on the device: " + ", ".join(AUGMENTS) + " (default: the benchmark's "
+        "protocol, none for the MNIST family; evaluation is never augmented)", choices=AUGMENTS,
+        hash="unless-default", neutral=("none",), metavar="PIPELINE")
+    precision: str = option("fp32", "fp32, bf16, or fp16 (with a gradient scaler): autocast of forward and loss",
+                            choices=("fp32", "bf16", "fp16"), hash="unless-default")
+    channels_last: bool = option(False, "images in channels-last memory layout (faster convolutions on GPUs)",
+                                 hash="never")
+    compile: bool = option(False, "torch.compile the model (first steps slower while it compiles)", hash="never")
+    eval_batch_size: int = option(1000, "rows per evaluation batch (default 1000)", check=_at_least(1),
+                                  hash="never", metavar="N")
+    devices: int = option(1, "data-parallel processes on torch.distributed (gloo on the CPU, NCCL on CUDA); the "
+                          "global batch stays --batch-size (default 1; torchrun's WORLD_SIZE when launched by it)",
+                          check=_at_least(1), hash="never", metavar="N")
     device: str = option("auto", "auto (CUDA when present), cpu, cuda[:N]")
     threads: int | None = option(None, "torch CPU threads for the run (default: 2 when two cores are free, else 1; "
                                  "see docs/benchmarks.md)", check=_at_least(1), hash="never", metavar="N")
@@ -129,6 +149,11 @@ class RunConfig:
     task_order: list[int] | None = option(None, "permutation of the tasks, e.g. 4,3,2,1,0", metavar="ORDER")
     class_order: list[int] | None = option(None, "order of the classes before they are cut into tasks",
                                            metavar="ORDER")
+    train_per_class: int | None = option(None, "use only the first N training images of each class (file order): "
+                                         "a reduced protocol, labelled so in the record", check=_at_least(1),
+                                         hash="unless-default", metavar="N")
+    test_per_class: int | None = option(None, "evaluate on the first N test images of each class only",
+                                        check=_at_least(1), hash="unless-default", metavar="N")
     data_dir: str | None = option(None, "folder with the dataset files (else $RETAIN_DATA, ~/.cache/retain, ...)",
                                   hash="never", group="data", metavar="DIR")
     download: bool = option(False, "fetch missing data from the canonical mirrors", hash="never", group="data")
@@ -160,6 +185,8 @@ class Option:
     hash: str
     group: str
     metavar: str | None
+    neutral: tuple[Any, ...] = ()
+    aliases: tuple[str, ...] = ()
 
     @property
     def flag(self) -> str:
@@ -194,7 +221,7 @@ def _schema() -> dict[str, Option]:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         m = f.metadata
         out[f.name] = Option(f.name, kind, optional, default, m["help"], m["check"], m["choices"], m["hash"],
-                             m["group"], m["metavar"])
+                             m["group"], m["metavar"], m["neutral"], m["aliases"])
     return out
 
 
@@ -321,7 +348,8 @@ def hashed(spec: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for k, v in spec.items():
         o = OPTIONS.get(k)
-        if o is not None and (o.hash == "never" or (o.hash == "unless-default" and v == o.default)):
+        if o is not None and (o.hash == "never" or (o.hash == "unless-default" and (v == o.default
+                                                                                 or v in o.neutral))):
             continue
         out[k] = v
     return out
@@ -456,6 +484,10 @@ class Run:
                                      c.class_order, c.task_order, pad=c.pad)
         if self.config.normalize is not None:
             sc.mean, sc.std = (self.config.normalize[0],), (self.config.normalize[1],)
+        if self.config.train_per_class or self.config.test_per_class:
+            from retain.scenarios import per_class
+
+            sc = per_class(sc, self.config.train_per_class, self.config.test_per_class)
         return sc
 
     def build_model(self, scenario: Any) -> Any:
@@ -477,7 +509,9 @@ class Run:
         return TrainConfig(epochs=c.epochs, iterations=c.iterations, batch_size=c.batch_size, optimizer=c.optimizer,
                            lr=c.lr, momentum=c.momentum, seed=c.seed, reset_optimizer=c.reset_optimizer,
                            all_outputs=c.all_outputs, device=c.device, task_free=c.task_free, blurry=c.blurry,
-                           evaluate_val=c.val_fraction > 0)
+                           evaluate_val=c.val_fraction > 0, augment=c.augment or "none", precision=c.precision,
+                           channels_last=c.channels_last, compile=c.compile, eval_batch_size=c.eval_batch_size,
+                           devices=c.devices)
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> Run:
@@ -539,11 +573,22 @@ def resolve(config: RunConfig | dict[str, Any] | None = None, *, scenario: Any =
         c.method = method.name
     c.params = dict(method.params())
     check_pairing(method, c.mode, c.task_free, c.all_outputs)
+    _check_step(method, c)
     _check_shape(c, dataset, kind)
     from retain.trainer import resolve_device
 
     resolve_device(c.device)
     return Run(c, method, scenario, model)
+
+
+def _check_step(method: Any, c: RunConfig) -> None:
+    """Mixed precision lives in the shared step (``Method.observe``): a method that writes its own step (MER's
+    per-sample updates, the meta-learner's inner loop) would silently train in fp32."""
+    from retain.method import own_step
+
+    if c.precision != "fp32" and (name := own_step(method)):
+        raise ConfigError(f"--precision {c.precision}: {name} takes its own training step, which does not use mixed "
+                          "precision; use --precision fp32")
 
 
 def _check_effect(c: RunConfig) -> None:
@@ -567,6 +612,8 @@ def _fill_training(c: RunConfig, d: dict[str, Any]) -> None:
         c.epochs = 1
     if c.arch is None:
         c.arch = coerce("arch", d.get("arch", "mlp"))
+    if c.augment is None and d.get("augment"):
+        c.augment = coerce("augment", d["augment"])
     if c.arch != "mlp" and c.hidden is not None and not c.arch.startswith("custom:"):
         raise ConfigError(f"--hidden sets an MLP's layers; --arch {c.arch} has none: drop --hidden")
     for k, default in _TRAINING_DEFAULTS.items():

@@ -4,13 +4,20 @@ Hooks are typed against :class:`Context` (``def penalty(self, ctx: Context, batc
 may read or change and a few helpers every method needs: the method's ``forward``, the mode-aware masked
 cross-entropy, the task's batches, a fresh optimizer, extra training (``fit``) and once-only warnings. The loop
 that drives it lives in :mod:`retain.trainer`.
+
+The step's plumbing is here too, so that :meth:`retain.method.Method.observe` reads as the maths: the training
+view of a batch (:meth:`view`: augmented on the device, and this process's share of the rows when data-parallel),
+:meth:`augmented` for rows a method replays from its own memory, mixed precision (:meth:`autocast`,
+:meth:`backward` with fp16's gradient scaler, :meth:`step_optimizer`) and the outputs of every process's rows
+(:meth:`gathered`). With one process in fp32 and no augmentation each of them is the identity.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +50,78 @@ class Context:
     step: int = 0  # global step count
     optimizer: torch.optim.Optimizer | None = None
     warnings: list[str] = field(default_factory=list)
+    augment: Any = None  # retain.augment.Augment | None: the training augmentation (None: none)
+    scaler: Any = None  # torch.amp.GradScaler for fp16, else None
+    world: Any = None  # retain.distributed.World when data-parallel over several processes, else None
+    _draws: tuple[int, int] = (-1, 0)  # (step, calls of augmented() in that step): what seeds the next draw
+
+    # ---------------------------------------------------------------------------------------- the step
+    def augmented(self, x: Tensor) -> Tensor:
+        """``x`` (prepared rows) under the run's training augmentation; itself when there is none.
+
+        Each call draws anew, from a generator seeded by (seed, global step, call number in this step): the same
+        run draws the same crops whether it was resumed or not, on the CPU or a GPU."""
+        if self.augment is None:
+            return x
+        step, calls = self._draws
+        calls = calls + 1 if step == self.step else 0
+        self._draws = (self.step, calls)
+        g = torch.Generator().manual_seed((self.config.seed * 1_000_003 + self.step) * 64 + calls)
+        return self.augment(x, g)
+
+    def view(self, batch: Batch) -> Batch:
+        """The rows this process trains on: ``batch`` augmented (all rows, so the draws are the same however many
+        processes share the step), then this process's share of them when data-parallel."""
+        if self.augment is not None:
+            batch = replace(batch, x=self.augmented(batch.x))
+        if self.world is None:
+            return batch
+        from retain import distributed  # distributed: this process's contiguous share of the rows
+
+        part = distributed.shard(len(batch), self.world)
+        return Batch(batch.x[part], batch.y[part], batch.t[part], None if batch.new is None else batch.new[part],
+                     batch.task, None if batch.soft is None else batch.soft[part])
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision for forward and loss (``precision`` bf16 / fp16); nothing in fp32."""
+        if self.config.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def backward(self, loss: Tensor, n_rows: int | None = None) -> None:
+        """``loss.backward()``, scaled under fp16 (the gradients are unscaled again before any hook reads them),
+        and averaged over the processes of a data-parallel run (weighted by their shares of the step's rows)."""
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if self.world is not None:
+            from retain import distributed  # distributed: the mean gradient over every process's rows
+
+            distributed.all_reduce_gradients(self.method.parameters(self.model), self.world, n_rows)
+
+    def step_optimizer(self) -> None:
+        """The optimizer's step (fp16: skipped by the scaler when a gradient is not finite)."""
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+    def gathered(self, out: Tensor) -> Tensor:
+        """The outputs of the whole batch's rows (every process's, in row order) from this process's ``out``."""
+        if self.world is None:
+            return out
+        from retain import distributed  # distributed: every process's outputs, in row order
+
+        return distributed.all_gather_rows(out, self.world)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         """The method's forward (PNN and PackNet route by task); the one interface for training and evaluation."""
+        if self.config.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.method.forward(self, x, t)
 
     def mask(self, t: Tensor | int) -> Tensor | None:

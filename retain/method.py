@@ -139,18 +139,25 @@ class Method:
         return ctx.model(x)
 
     def observe(self, ctx: Any, batch: Batch) -> Tensor:
-        """One step: augment -> forward -> masked loss + penalty -> backward -> before_update -> step -> after."""
+        """One step: augment -> forward -> masked loss + penalty -> backward -> before_update -> step -> after.
+
+        The ``augment`` hook adds the method's rows (ER's replay); ``ctx.view`` is what the model trains on: those
+        rows under the run's data augmentation (``--augment``), and this process's share of them when
+        data-parallel. ``after_update`` gets the rows as they came (un-augmented: what a buffer stores) with the
+        outputs of their augmented views (DER stores those)."""
         batch = self.augment(ctx, batch)
-        out = self.forward(ctx, batch.x, batch.t)
-        loss = ctx.loss(out, batch)
-        extra = self.penalty(ctx, batch, out)
-        if extra is not None:
-            loss = loss + extra
+        view = ctx.view(batch)
+        with ctx.autocast():
+            out = self.forward(ctx, view.x, view.t)
+            loss = ctx.loss(out, view)
+            extra = self.penalty(ctx, view, out)
+            if extra is not None:
+                loss = loss + extra
         ctx.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        ctx.backward(loss, len(view))
         self.before_update(ctx)
-        ctx.optimizer.step()
-        self.after_update(ctx, batch, out)
+        ctx.step_optimizer()
+        self.after_update(ctx, batch, ctx.gathered(out.float()))
         return loss.detach()
 
     # ----------------------------------------------------------------------------------------- parameters
@@ -332,6 +339,15 @@ class Compose(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for m, s in zip(self.methods, state["parts"]):
             m.load_state_dict(s)
+
+
+def own_step(method: Method) -> str | None:
+    """The name of the method (or of a part of a hybrid) that overrides ``observe`` (its own training step), or
+    None when every part uses the shared one (where mixed precision and data parallelism live)."""
+    for m in getattr(method, "methods", [method]):
+        if type(m).observe is not Method.observe:
+            return m.name
+    return None
 
 
 # -------------------------------------------------------------------------------------------------- registry

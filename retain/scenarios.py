@@ -113,8 +113,10 @@ class Scenario:
         source = self.info.get("source", "")
         return (f"Scenario({self.name!r}, {self.mode}-IL, {self.n_tasks} tasks {classes}, "
                 f"{sum(sizes)} training rows ({min(sizes)}-{max(sizes)} per task), "
-                f"{'no' if self.y_test is None else len(self.y_test)} test rows, inputs {list(self.input_shape)}, "
-                f"{self.n_outputs} outputs" + (f", transform {self.transform}" if self.transform else "")
+                f"{'no' if self.y_test is None else sum(len(t.test_idx) for t in self.tasks)} test rows, inputs "
+                f"{list(self.input_shape)}, {self.n_outputs} outputs"
+                + (f", transform {self.transform}" if self.transform else "")
+                + (f", reduced to {self.info['reduced']}" if self.info.get("reduced") else "")
                 + (f", from {source}" if source else "") + ")")
 
     def arrays(self) -> Arrays:
@@ -433,3 +435,27 @@ def from_dataset(train: torch.utils.data.Dataset, test: torch.utils.data.Dataset
                  name: str = "dataset", **split_kwargs) -> Scenario:
     """A class-split scenario from any map-style ``(x, y)`` datasets, read once into tensors."""
     return from_tensors(*_materialise(train), *_materialise(test), mode=mode, name=name, **split_kwargs)
+
+
+def per_class(sc: Scenario, train: int | None = None, test: int | None = None) -> Scenario:
+    """``sc`` keeping only the first ``train`` training rows and ``test`` test rows of each class in each task (in
+    the data's own order, e.g. sorted file names; validation rows are kept as split): a reduced protocol that
+    another library can be given exactly. The scenario's ``info["reduced"]`` says what was kept."""
+
+    def first(idx: Tensor, labels: Tensor, n: int | None) -> Tensor:
+        if n is None or len(idx) == 0:
+            return idx
+        idx = idx.sort().values  # the data's order, whatever order the split stored
+        y = labels[idx.to(labels.device)].to(idx.device)
+        order = torch.argsort(y, stable=True)
+        ys = y[order]
+        starts = torch.searchsorted(ys, ys, right=False)  # first position of each row's class
+        rank = torch.arange(len(ys), device=ys.device) - starts
+        return idx[order[rank < n]].sort().values
+
+    tasks = [Task(t.classes, first(t.train_idx, sc.y_train, train),
+                  first(t.test_idx, sc.y_test, test) if sc.y_test is not None else t.test_idx, t.val_idx)
+             for t in sc.tasks]
+    kept = ", ".join(f"the first {n} {part} images per class" for n, part in ((train, "training"), (test, "test"))
+                     if n)
+    return replace(sc, tasks=tasks, info={**sc.info, "reduced": kept})

@@ -80,6 +80,11 @@ class TrainConfig:
     # far. True (Mammoth's code, the DER protocol): it spans every output from the first task, so the outputs of
     # classes still to come are pushed down; evaluation is over all classes either way.
     all_outputs: bool = False
+    augment: str = "none"  # the training augmentation pipeline (retain.augment.PIPELINES); never at evaluation
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of forward and loss (fp16 with a gradient scaler)
+    channels_last: bool = False  # image models and batches in channels-last memory layout
+    compile: bool = False  # torch.compile the model
+    devices: int = 1  # data-parallel processes (retain.distributed)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -287,9 +292,20 @@ class Trainer:
         self.scenario = scenario.to(self.device)
         self.view = self.scenario.train_view()
         self.method, self.config, self.progress, self.checkpointer = method, config, progress, checkpointer
-        self.ctx = Context(model.to(self.device), self.view, config, method, self.device,
+        model = model.to(self.device)
+        if config.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if config.compile:
+            model.compile()  # in place: parameter names, .features and the pickled checkpoint stay the module's
+        self.ctx = Context(model, self.view, config, method, self.device,
                            torch.Generator().manual_seed(config.seed + 17),
                            torch.zeros(scenario.n_outputs, dtype=torch.bool, device=self.device))
+        if config.augment != "none":
+            from retain import augment
+
+            self.ctx.augment = augment.build(config.augment, scenario.mean, scenario.std, scenario.input_shape)
+        if config.precision == "fp16":
+            self.ctx.scaler = torch.amp.GradScaler(self.device.type)
         T = scenario.n_tasks
         self.R = [[math.nan] * T for _ in range(T)]
         self.V = [[math.nan] * T for _ in range(T)] if config.evaluate_val else None

@@ -59,7 +59,7 @@ def add_run_options(p: argparse.ArgumentParser, single_method: bool = True) -> N
         elif o.kind == "bool":
             g.add_argument(o.flag, action=argparse.BooleanOptionalAction, help=help_, default=argparse.SUPPRESS)
         else:
-            g.add_argument(o.flag, dest=o.name, metavar=o.metavar or o.name.upper(), help=help_,
+            g.add_argument(o.flag, *o.aliases, dest=o.name, metavar=o.metavar or o.name.upper(), help=help_,
                            default=argparse.SUPPRESS)
     add_common_options(p)
 
