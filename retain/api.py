@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import resource
 import sys
@@ -24,13 +25,14 @@ import torch
 from torch import nn
 
 import retain
+from retain import distributed
 from retain.checkpoint import Checkpointer
 from retain.config import Run, RunConfig, resolve
 from retain.errors import ConfigError
 from retain.method import Method
 from retain.metrics import all_metrics
 from retain.scenarios import Scenario
-from retain.trainer import Progress, train
+from retain.trainer import Progress, resolve_device, train
 
 __all__ = ["Result", "Run", "RunConfig", "execute", "resolve", "run"]
 
@@ -48,6 +50,7 @@ class Result:
     warnings: list[str] = field(default_factory=list)
     val_matrix: list[list[float]] | None = None
     peak_memory_mb: float | None = None
+    gpu_memory_mb: float | None = None  # peak memory allocated on the GPU by the run (None on the CPU)
     memory: dict[str, int] | None = None  # the method's sample memory: {"rows", "bytes"} (Method.memory)
     model: dict[str, Any] | None = None  # what was trained: {"class", "parameters"} (the user's own model too)
     scenario: str | None = None  # the scenario that ran, in one line (tasks, classes, sizes, where the data came from)
@@ -127,16 +130,30 @@ def run(config: RunConfig | Run | None = None, *, scenario: Scenario | None = No
 
 
 def execute(run: Run, progress: Progress | None = None, checkpointer: Checkpointer | None = None,
-            alone: int | None = None) -> Result:
-    """Train a resolved :class:`Run` (``alone``: only its task ``alone``, to measure how hard a task is)."""
+            alone: int | None = None) -> Result | None:
+    """Train a resolved :class:`Run` (``alone``: only its task ``alone``, to measure how hard a task is).
+
+    With ``devices`` > 1, or in a process torchrun started, the run trains data-parallel over that many processes
+    (:mod:`retain.distributed`): rank 0 reports progress, checkpoints and returns the record; the others None."""
+    world = distributed.current()
+    if world is None and distributed.world_size(run.config.devices) > 1:
+        return _data_parallel(run, progress, checkpointer, alone)
+    if world is not None:
+        progress = progress if world.main else None
+        checkpointer = None if checkpointer is None else distributed.rank_checkpointer(checkpointer, world)
     scenario = run.build_scenario()
     if alone is not None:
         scenario = only_task(scenario, alone)
     model = run.build_model(scenario)
+    cuda = torch.cuda.is_available() and resolve_device(run.config.device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     trained = train(scenario, run.method, model, run.train_config(), progress, checkpointer)
     warnings = list(trained.warnings)
     if scenario.info.get("unverified"):  # data files matching no published checksum (retain.data)
         warnings.append(scenario.info["unverified"])
+    if world is not None and not world.main:
+        return None
     return Result(
         config=run.spec(),
         accuracy_matrix=trained.accuracy_matrix,
@@ -147,10 +164,28 @@ def execute(run: Run, progress: Progress | None = None, checkpointer: Checkpoint
         warnings=warnings,
         val_matrix=trained.val_matrix,
         peak_memory_mb=peak_memory_mb(),
+        gpu_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         memory=run.method.memory(scenario).to_dict(),  # the samples it keeps, in the method's own words
         model={"class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters())},
         scenario=repr(scenario),
     )
+
+
+def _data_parallel(run: Run, progress: Progress | None, checkpointer: Checkpointer | None,
+                   alone: int | None) -> Result | None:
+    """The run over several processes: joining torchrun's group when it started this one, else spawning
+    ``devices`` processes here (each with this process's threads divided among them)."""
+    n = distributed.world_size(run.config.devices)
+    distributed.check_data_parallel(run.method, n)
+    run = dataclasses.replace(run, config=dataclasses.replace(run.config, devices=n))  # torchrun's: recorded
+    if not distributed.launched():
+        return distributed.spawn(n, execute, (run, progress, checkpointer, alone), run.config.device)
+    torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ.get("LOCAL_WORLD_SIZE", n))))
+    distributed.init(run.config.device)
+    try:
+        return execute(run, progress, checkpointer, alone)
+    finally:
+        distributed.shutdown()
 
 
 

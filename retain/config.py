@@ -115,9 +115,9 @@ class RunConfig:
     momentum: float | None = option(None, "SGD momentum (default 0)", check=_non_negative)
     reset_optimizer: bool = option(False, "a fresh optimizer at each task (default: its state carries over, as in "
                                    "the reference code of the P1/P2 papers)")
-    all_outputs: bool = option(False, "class-IL: the training loss spans every output from the first task, as "
-                               "Mammoth's code (the DER protocol) does (default: the classes seen so far)",
-                               hash="unless-default")
+    all_outputs: bool | None = option(None, "class-IL: the training loss spans every output from the first task, "
+                                      "as Mammoth's code (the DER protocol) does (default: the benchmark's; else "
+                                      "the classes seen so far)", hash="unless-default", neutral=(False,))
     normalize: tuple[float, float] | None = option(
         None, "inputs (x - MEAN) / STD on [0, 1] pixels, e.g. 0.1,0.2752 as Hsu et al.'s MNIST loader (default: the "
         "dataset's own)", check=_normalize, metavar="MEAN,STD")
@@ -410,7 +410,8 @@ def _yaml(text: str, path: Path) -> Any:
 # ------------------------------------------------------------------------------------------------- resolving
 
 # Classes per dataset, to refuse an impossible split before loading the data (the split checks again).
-DATASET_CLASSES = {"mnist": 10, "fashion-mnist": 10, "kmnist": 10, "cifar10": 10, "cifar100": 100, "digits": 10}
+DATASET_CLASSES = {"mnist": 10, "fashion-mnist": 10, "kmnist": 10, "cifar10": 10, "cifar100": 100, "digits": 10,
+                   "tinyimagenet": 200, "imagenet-r": 200, "cub200": 200, "core50": 50}
 _TRAINING_DEFAULTS = {"arch": "mlp", "hidden": (400, 400), "batch_size": 128, "optimizer": "adam", "lr": 1e-3,
                       "momentum": 0.0, "pad": 0}
 
@@ -574,6 +575,10 @@ def resolve(config: RunConfig | dict[str, Any] | None = None, *, scenario: Any =
     c.params = dict(method.params())
     check_pairing(method, c.mode, c.task_free, c.all_outputs)
     _check_step(method, c)
+    if c.devices > 1 or os.environ.get("WORLD_SIZE"):
+        from retain import distributed
+
+        distributed.check_data_parallel(method, distributed.world_size(c.devices))
     _check_shape(c, dataset, kind)
     from retain.trainer import resolve_device
 
@@ -614,6 +619,8 @@ def _fill_training(c: RunConfig, d: dict[str, Any]) -> None:
         c.arch = coerce("arch", d.get("arch", "mlp"))
     if c.augment is None and d.get("augment"):
         c.augment = coerce("augment", d["augment"])
+    if c.all_outputs is None:  # a protocol's class-IL loss (P5: Mammoth's); no effect in the other modes
+        c.all_outputs = bool(d.get("all_outputs", False)) and c.mode == "class"
     if c.arch != "mlp" and c.hidden is not None and not c.arch.startswith("custom:"):
         raise ConfigError(f"--hidden sets an MLP's layers; --arch {c.arch} has none: drop --hidden")
     for k, default in _TRAINING_DEFAULTS.items():
@@ -634,6 +641,9 @@ def _check_shape(c: RunConfig, dataset: str | None, kind: str | None) -> None:
         if c.n_tasks > len(order):
             raise ConfigError(f"{c.n_tasks} tasks but only {len(order)} classes; use --n-tasks {len(order)} "
                               "or fewer")
+    elif kind == "sessions" and c.mode != "domain":  # refused before the data loads (the builder says it too)
+        raise ConfigError(f"{c.benchmark} is domain-incremental (the same objects in every session); use --mode "
+                          f"domain, or core50-nc for new classes, not --mode {c.mode}")
     elif c.class_order is not None and kind is not None and kind != "split":
         raise ConfigError(f"--class-order is for split benchmarks; {c.benchmark} is {kind}")
     if c.task_order is not None and sorted(c.task_order) != list(range(c.n_tasks)):

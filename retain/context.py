@@ -53,6 +53,7 @@ class Context:
     augment: Any = None  # retain.augment.Augment | None: the training augmentation (None: none)
     scaler: Any = None  # torch.amp.GradScaler for fp16, else None
     world: Any = None  # retain.distributed.World when data-parallel over several processes, else None
+    batch: Batch | None = None  # the step's whole batch (every process's rows, un-augmented), set by view()
     _draws: tuple[int, int] = (-1, 0)  # (step, calls of augmented() in that step): what seeds the next draw
 
     # ---------------------------------------------------------------------------------------- the step
@@ -66,12 +67,14 @@ class Context:
         step, calls = self._draws
         calls = calls + 1 if step == self.step else 0
         self._draws = (self.step, calls)
-        g = torch.Generator().manual_seed((self.config.seed * 1_000_003 + self.step) * 64 + calls)
+        g = torch.Generator().manual_seed(((self.config.seed * 1_000_003 + self.step) * 1_000_003 + calls) % 2**63)
         return self.augment(x, g)
 
     def view(self, batch: Batch) -> Batch:
         """The rows this process trains on: ``batch`` augmented (all rows, so the draws are the same however many
-        processes share the step), then this process's share of them when data-parallel."""
+        processes share the step), then this process's share of them when data-parallel. The whole batch stays in
+        ``ctx.batch``: a penalty that sizes its replay sample by the step's rows reads ``len(ctx.batch)``."""
+        self.batch = batch
         if self.augment is not None:
             batch = replace(batch, x=self.augmented(batch.x))
         if self.world is None:
@@ -89,18 +92,22 @@ class Context:
         dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def backward(self, loss: Tensor, n_rows: int | None = None) -> None:
+    def backward(self, loss: Tensor, n_rows: int | None = None) -> Tensor:
         """``loss.backward()``, scaled under fp16 (the gradients are unscaled again before any hook reads them),
-        and averaged over the processes of a data-parallel run (weighted by their shares of the step's rows)."""
+        and averaged over the processes of a data-parallel run (weighted by their ``n_rows`` shares of the step's
+        rows, before unscaling, so that every process sees the same overflow). Returns the loss the step reports:
+        the one of every process's rows."""
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
         if self.world is not None:
             from retain import distributed  # distributed: the mean gradient over every process's rows
 
-            distributed.all_reduce_gradients(self.method.parameters(self.model), self.world, n_rows)
+            loss = distributed.all_reduce_gradients(self.method.parameters(self.model), self.world, n_rows, loss)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        return loss.detach()
 
     def step_optimizer(self) -> None:
         """The optimizer's step (fp16: skipped by the scaler when a gradient is not finite)."""
@@ -116,7 +123,7 @@ class Context:
             return out
         from retain import distributed  # distributed: every process's outputs, in row order
 
-        return distributed.all_gather_rows(out, self.world)
+        return distributed.all_gather_rows(out, self.world, len(self.batch) if self.batch is not None else None)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         """The method's forward (PNN and PackNet route by task); the one interface for training and evaluation."""
@@ -148,8 +155,12 @@ class Context:
         """Shuffled batches of ``data``: ``epochs`` passes, or exactly ``iterations`` steps (cycling passes).
 
         The order of pass ``e`` comes from a generator seeded with ``(seed, e)``, so it can be regenerated;
-        ``start`` skips the first steps without building them (resuming a run mid-task).
+        ``start`` skips the first steps without building them (resuming a run mid-task). When the training rows are
+        on disk (a :class:`retain.images.DiskArray`) the next two batches are read in a background thread while
+        the step runs: the same batches, in the same order.
         """
+        from retain.images import DiskArray, prefetch
+
         bs = batch_size or self.config.batch_size
         n = len(data)
         if n == 0:
@@ -158,20 +169,24 @@ class Context:
             epochs, iterations = self.config.epochs, self.config.iterations
         single = int(data.t[0]) if bool((data.t == data.t[0]).all()) else None
         base = self.config.seed * 1_000_003 + self.task * 7919 if seed is None else seed
-        steps, epoch, skip = 0, 0, start
-        while True:
-            if iterations is None and epoch >= epochs:
-                return
-            g = torch.Generator().manual_seed(base + epoch)
-            perm = torch.randperm(n, generator=g).to(data.idx.device)
-            for begin in range(0, n, bs):
-                if iterations is not None and steps >= iterations:
+
+        def rows() -> Iterator[Batch]:
+            steps, epoch, skip = 0, 0, start
+            while True:
+                if iterations is None and epoch >= epochs:
                     return
-                if steps >= skip:
-                    sel = perm[begin:begin + bs]
-                    yield self.scenario.batch(data.idx[sel], single if single is not None else data.t[sel])
-                steps += 1
-            epoch += 1
+                g = torch.Generator().manual_seed(base + epoch)
+                perm = torch.randperm(n, generator=g).to(data.idx.device)
+                for begin in range(0, n, bs):
+                    if iterations is not None and steps >= iterations:
+                        return
+                    if steps >= skip:
+                        sel = perm[begin:begin + bs]
+                        yield self.scenario.batch(data.idx[sel], single if single is not None else data.t[sel])
+                    steps += 1
+                epoch += 1
+
+        yield from prefetch(rows(), depth=2) if isinstance(self.scenario.x_train, DiskArray) else rows()
 
     def fit(self, data: TaskData, epochs: int | None = None, optimizer: torch.optim.Optimizer | None = None,
             iterations: int | None = None) -> None:

@@ -1,4 +1,6 @@
-"""Data sources -> tensors: IDX (MNIST family), CIFAR pickles, scikit-learn digits, synthetic data.
+"""Data sources -> tensors: IDX (MNIST family), CIFAR pickles (or CIFAR-10 as a JPEG image folder), the image
+datasets of the vision benchmarks (Tiny-ImageNet, ImageNet-R, CUB-200-2011, CORe50: their own layouts, decoded once
+into arrays on disk by :mod:`retain.images`), scikit-learn digits, synthetic data.
 
 Every loader returns an :class:`Arrays` of uint8 (or float) images and int64 labels. Nothing here knows about
 tasks; :mod:`retain.scenarios` cuts the arrays into a stream. Files are searched in a fixed order
@@ -51,6 +53,13 @@ class Arrays:
     # accepted, but results on them may not compare with published ones. Empty when every file matched, and for
     # data that has no checksum table (CIFAR python batches, digits, synthetic, user tensors).
     unverified: tuple[str, ...] = ()
+    # What makes this copy differ from the reference data, in one line for the run record (e.g. CIFAR-10 read from
+    # a lossy JPEG re-encoding, a split retain made where the papers ship their own); empty for the reference data.
+    variant: str = ""
+    # Per training row, the acquisition group it came from (CORe50: the index of its session among the 8 training
+    # sessions), for benchmarks whose tasks are such groups (CORe50 NI); None otherwise.
+    group_train: Tensor | None = None
+    class_names: tuple[str, ...] = ()  # label id -> the dataset's own class name (image datasets); () if unnamed
 
 
 # ---------------------------------------------------------------------------------------------------- IDX files
@@ -374,12 +383,15 @@ class Source:
     """Where a named dataset's files live and how to fetch them."""
 
     name: str
-    kind: str  # "idx" | "cifar10" | "cifar100" | "digits"
+    kind: str  # "idx" | "cifar10" | "cifar100" | "digits" | one of IMAGE_KINDS
     folder_names: tuple[str, ...] = ()  # sub-folders tried under each root (torchvision layout first)
     system_dirs: tuple[str, ...] = ()
     mirrors: tuple[str, ...] = ()
     files: tuple[tuple[str, str], ...] = ()  # (file name, md5): the published downloads
     contents: tuple[tuple[str, str], ...] = ()  # (IDX file name, md5 of its uncompressed bytes)
+    size: int | None = None  # image datasets: the side every image is decoded (resized) to
+    layout: str = ""  # image datasets: the files and folders a copy must have, for the not-found message
+    more: tuple[tuple[str, str, str], ...] = ()  # further downloads (url, file name, md5) from other mirrors
 
 
 SOURCES = {
@@ -428,8 +440,8 @@ SOURCES = {
         # No uncompressed checksums: the authors publish none and no copy was at hand to compute them, so an
         # uncompressed or re-compressed KMNIST loads as unverified.
     ),
-    "cifar10": Source(
-        "cifar10", "cifar10", ("cifar-10-batches-py", "CIFAR10/cifar-10-batches-py"), (),
+    "cifar10": Source(  # the python pickles, or a JPEG image folder / tar of one (read as a labelled variant)
+        "cifar10", "cifar10", ("cifar-10-batches-py", "CIFAR10/cifar-10-batches-py", "cifar10-jpeg"), (),
         ("https://www.cs.toronto.edu/~kriz/",), (("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),),
     ),
     "cifar100": Source(
@@ -437,6 +449,39 @@ SOURCES = {
         ("https://www.cs.toronto.edu/~kriz/",), (("cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),),
     ),
     "digits": Source("digits", "digits"),
+    # Image datasets, decoded once into a cached uint8 array on disk (retain.images). Checksums: the md5s that
+    # independent loaders publish for the same canonical archive (Avalanche's dataset metadata, and several
+    # torchvision-style loaders on GitHub agree on each one).
+    "tinyimagenet": Source(
+        "tinyimagenet", "tinyimagenet", ("tiny-imagenet-200",), (), ("http://cs231n.stanford.edu/",),
+        (("tiny-imagenet-200.zip", "90528d7ca1a48142e341f4ef8d21d0de"),), size=64,
+        layout="tiny-imagenet-200/{wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG, "
+               "val/val_annotations.txt}",
+    ),
+    "imagenet-r": Source(
+        "imagenet-r", "imagenet-r", ("imagenet-r",), (), ("https://people.eecs.berkeley.edu/~hendrycks/",),
+        (("imagenet-r.tar", "a61312130a589d0ca1a8fca1f2bd3337"),), size=224,
+        layout="imagenet-r/{train,test}/<wnid>/*.jpg (APER/PILOT's split folders), or the original "
+               "imagenet-r/<wnid>/*.jpg (from imagenet-r.tar) optionally with CODA-Prompt's split files "
+               "imagenet-r_train.yaml and imagenet-r_test.yaml beside the <wnid> folders",
+    ),
+    "cub200": Source(
+        "cub200", "cub200", ("CUB_200_2011",), (),
+        ("https://data.caltech.edu/records/65de6-vp158/files/",
+         "http://www.vision.caltech.edu/visipedia-data/CUB-200-2011/"),
+        (("CUB_200_2011.tgz", "97eceeb196236b17998738112f37df78"),), size=224,
+        layout="CUB_200_2011/{images/<class>/*.jpg, images.txt, train_test_split.txt, image_class_labels.txt, "
+               "classes.txt}",
+    ),
+    "core50": Source(
+        "core50", "core50", ("core50_128x128", "core50/core50_128x128"), (),
+        ("http://bias.csr.unibo.it/maltoni/download/core50/",),
+        (("core50_128x128.zip", "745f3373fed08d69343f1058ee559e13"),), size=128,
+        layout="core50_128x128/s1..s11/o1..o50/C_<ss>_<oo>_<fff>.png (for NC's official class order also "
+               "batches_filelists/NC_inc/run0/train_batch_00..08_filelist.txt beside core50_128x128/)",
+        more=(("https://vlomonaco.github.io/core50/data/batches_filelists.zip", "batches_filelists.zip",
+               "e3297508a8998ba0c99a83d6b36bde62"),),
+    ),
 }
 
 
@@ -454,10 +499,15 @@ def search_roots(data_dir: str | os.PathLike | None) -> list[Path]:
 
 
 def _complete(folder: Path, src: Source) -> bool:
+    """Whether ``folder`` holds a copy of ``src`` (for an image dataset: its marker file or folder; the reader then
+    names any file that is missing, rather than the search passing a partial copy by silently)."""
     if src.kind == "idx":
         return all(_find_idx_file(folder, stem) for stem in IDX_FILES.values())
-    marker = "data_batch_1" if src.kind == "cifar10" else "train"
-    return (folder / marker).is_file()
+    if src.kind == "cifar10":
+        return (folder / "data_batch_1").is_file() or cifar10_jpeg(folder) is not None
+    if src.kind in IMAGE_KINDS:
+        return _IMAGE_MARKERS[src.kind](folder)
+    return (folder / "train").is_file()
 
 
 def candidate_folders(src: Source, data_dir: str | os.PathLike | None) -> list[Path]:
@@ -540,12 +590,34 @@ def download(name: str, root: str | os.PathLike | None = None) -> Path:
                 f"could not download {fname} for {name} ({'; '.join(errors)}); copy the files into "
                 f"{target} by hand"
             )
+    for url, fname, md5 in src.more:  # companion files from another mirror (CORe50's batch filelists)
+        dest = target / fname
+        if not (dest.exists() and _md5(dest) == md5):
+            try:
+                fetch(url, dest, md5)
+            except OSError as e:
+                raise DataError(f"could not download {url} for {name} ({getattr(e, 'reason', e)}); copy "
+                                f"{fname} into {target} by hand") from None
     if src.kind != "idx":
-        archive = target / src.files[0][0]
-        with tarfile.open(archive) as tar:
-            tar.extractall(target, filter="data")
+        if src.kind in IMAGE_KINDS and (target / src.folder_names[0]).is_dir() and _complete(
+                target / src.folder_names[0], src):
+            return target / src.folder_names[0]  # unpacked before: a second --download does not unpack again
+        for fname in [f for f, _ in src.files] + [f for _, f, _ in src.more]:
+            _extract(target / fname, target)
         target = target / src.folder_names[0]
     return target
+
+
+def _extract(archive: Path, into: Path) -> None:
+    """Unpack a .tar / .tar.gz / .tgz / .zip archive into ``into`` (paths outside it refused)."""
+    if archive.suffix == ".zip":
+        import zipfile
+
+        with zipfile.ZipFile(archive) as z:  # zipfile drops absolute paths and ".." from member names
+            z.extractall(into)
+    else:
+        with tarfile.open(archive) as tar:
+            tar.extractall(into, filter="data")
 
 
 def load(name: str, data_dir: str | os.PathLike | None = None, download_missing: bool = False) -> Arrays:
@@ -560,6 +632,11 @@ def load(name: str, data_dir: str | os.PathLike | None = None, download_missing:
     if folder is None:
         if not download_missing:
             looked = ", ".join(str(p) for p in candidate_folders(src, data_dir))
+            if src.layout:  # an image dataset: say exactly which files go where
+                raise DataError(
+                    f"{name} not found (looked in {looked}); put {src.layout} under --data-dir DIR (or "
+                    f"$RETAIN_DATA){', or add --download' if src.files else ''}"
+                )
             raise DataError(
                 f"{name} not found (looked in {looked}); pass --data-dir DIR with the files, set RETAIN_DATA, "
                 "or add --download"
@@ -569,4 +646,299 @@ def load(name: str, data_dir: str | os.PathLike | None = None, download_missing:
         arrays = load_idx_folder(folder, name)
         arrays.source = str(folder)
         return arrays
+    if src.kind in IMAGE_KINDS:
+        return load_image_dataset(name, folder)
+    if src.kind == "cifar10" and not (folder / "data_batch_1").is_file():
+        return load_cifar10_jpeg(folder)
     return load_cifar_folder(folder, 10 if src.kind == "cifar10" else 100)
+
+
+# ------------------------------------------------------------------------------------------------ image datasets
+# Each reader turns a dataset's own file layout into file lists and labels; retain.images decodes the files once
+# into a cached uint8 array on disk (resized to the source's ``size``), so the data never has to fit in memory.
+
+IMAGE_KINDS = ("tinyimagenet", "imagenet-r", "cub200", "core50")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+# CORe50 (Lomonaco & Maltoni, CoRL 2017): 11 sessions of 50 objects; sessions 3, 7 and 10 are the test set.
+CORE50_TRAIN_SESSIONS, CORE50_TEST_SESSIONS = (1, 2, 4, 5, 6, 8, 9, 11), (3, 7, 10)
+
+
+@dataclass
+class ImageLists:
+    """An image dataset before decoding: files and label ids per split, the class names (label id -> name)."""
+
+    train_files: list[Path]
+    train_labels: list[int]
+    test_files: list[Path]
+    test_labels: list[int]
+    classes: list[str]
+    train_groups: list[int] | None = None
+    variant: str = ""
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _is_wnid(name: str) -> bool:  # an ImageNet synset id: "n" and eight digits
+    return len(name) == 9 and name[0] == "n" and name[1:].isdigit()
+
+
+def _wnid_dirs(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if _is_wnid(p.name) and p.is_dir()) if folder.is_dir() else []
+
+
+def _read_lines(path: Path, layout: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.rstrip("\n\r") for line in f if line.strip()]
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing; the layout is {layout}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot be read ({type(e).__name__}); unpack the archive again") from None
+
+
+def tinyimagenet_lists(folder: Path) -> ImageLists:
+    """Tiny-ImageNet (cs231n): train/<wnid>/images/*.JPEG; the labelled val/ split is the test set (its test/
+    has no labels), labelled by val/val_annotations.txt (file, wnid, box, tab-separated). Label ids: the wnids of
+    wnids.txt sorted (ImageFolder's convention, as the CL loaders that read these folders use)."""
+    layout = SOURCES["tinyimagenet"].layout
+    wnids = [w.strip() for w in _read_lines(folder / "wnids.txt", layout)]
+    if len(set(wnids)) != len(wnids) or not all(_is_wnid(w) for w in wnids):
+        raise DataError(f"{folder / 'wnids.txt'}: expected distinct wnids (n and 8 digits), one a line")
+    classes = sorted(wnids)
+    label = {w: i for i, w in enumerate(classes)}
+    train_files, train_labels = [], []
+    for w in classes:
+        d = folder / "train" / w / "images"
+        if not d.is_dir():
+            raise DataError(f"{d}: missing; every wnid of wnids.txt needs its training images in train/<wnid>/images/")
+        files = _images_in(d)
+        if not files:
+            raise DataError(f"{d}: no images (.JPEG) in it; unpack tiny-imagenet-200.zip again")
+        train_files += files
+        train_labels += [label[w]] * len(files)
+    ann = folder / "val" / "val_annotations.txt"
+    test_files, test_labels = [], []
+    for n, line in enumerate(_read_lines(ann, layout), 1):
+        cols = line.split("\t")
+        if len(cols) < 2 or cols[1] not in label:
+            raise DataError(f"{ann}, line {n}: expected <file>\\t<wnid of wnids.txt>\\t<box>, got {line!r}")
+        path = folder / "val" / "images" / cols[0]
+        if not path.is_file():
+            raise DataError(f"{path}: listed in {ann.name} line {n} but missing; unpack tiny-imagenet-200.zip again")
+        test_files.append(path)
+        test_labels.append(label[cols[1]])
+    return ImageLists(train_files, train_labels, test_files, test_labels, classes)
+
+
+def _coda_split(folder: Path, classes: list[str]) -> tuple[list[list[Path]], list[list[int]]] | None:
+    """CODA-Prompt's ImageNet-R split (``dataloaders/splits/imagenet-r_{train,test}.yaml``: 24,000 / 6,000 paths
+    ``data/imagenet-r/<wnid>/<file>``) when both files lie beside the wnid folders, else None. Only the file sets
+    are taken; labels stay retain's (the sorted wnids)."""
+    paths = [folder / "imagenet-r_train.yaml", folder / "imagenet-r_test.yaml"]
+    if not all(p.is_file() for p in paths):
+        return None
+    import yaml
+
+    label = {w: i for i, w in enumerate(classes)}
+    files, labels = [], []
+    for p in paths:
+        try:
+            entries = yaml.load(p.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))["data"]
+        except (yaml.YAMLError, KeyError, TypeError) as e:
+            raise DataError(f"{p}: not CODA-Prompt's split file (a YAML with a 'data' list; "
+                            f"{type(e).__name__})") from None
+        fs, ls = [], []
+        for entry in entries:
+            wnid, name = Path(entry).parts[-2:]
+            if wnid not in label or not (folder / wnid / name).is_file():
+                raise DataError(f"{p}: lists {entry}, which is not in {folder}; use the split files that belong to "
+                                "the original imagenet-r.tar")
+            fs.append(folder / wnid / name)
+            ls.append(label[wnid])
+        files.append(fs)
+        labels.append(ls)
+    return files, labels
+
+
+def imagenet_r_lists(folder: Path, test_fraction: float = 0.2) -> ImageLists:
+    """ImageNet-R (Hendrycks et al., 2021; 200 ImageNet classes, 30,000 renditions), with the split of the
+    prompt-learning papers: APER/PILOT's train/ and test/ folders (RevisitingCIL's download, 24,000 / 6,000
+    images) when present; else the original imagenet-r/<wnid>/ folders with CODA-Prompt's split files; else a split
+    retain makes (the last 20% of each class's files in a RandomState(0) permutation are test), recorded as a variant.
+    Label ids: the sorted wnids (ImageFolder's, as APER and PILOT read the folders)."""
+    if _wnid_dirs(folder / "train") and (folder / "test").is_dir():
+        classes = _wnid_dirs(folder / "train")
+        missing = [w for w in classes if not (folder / "test" / w).is_dir()]
+        if missing:
+            raise DataError(f"{folder / 'test' / missing[0]}: missing ({len(missing)} classes of train/ have no test "
+                            "folder); the split needs test/<wnid>/ for every train/<wnid>/")
+        split = [[], []], [[], []]
+        for i, part in enumerate(("train", "test")):
+            for c, w in enumerate(classes):
+                files = _images_in(folder / part / w)
+                split[0][i].extend(files)
+                split[1][i].extend([c] * len(files))
+        (trf, tef), (trl, tel) = split
+        return ImageLists(trf, trl, tef, tel, classes)
+    classes = _wnid_dirs(folder)
+    if not classes:
+        raise DataError(f"{folder}: no <wnid> folders; the layout is {SOURCES['imagenet-r'].layout}")
+    coda = _coda_split(folder, classes)
+    if coda is not None:
+        (trf, tef), (trl, tel) = coda
+        return ImageLists(trf, trl, tef, tel, classes)
+    rng = np.random.RandomState(0)
+    trf, trl, tef, tel = [], [], [], []
+    for c, w in enumerate(classes):
+        files = _images_in(folder / w)
+        perm = rng.permutation(len(files))
+        n_test = int(round(len(files) * test_fraction))
+        keep = len(files) - n_test
+        trf += [files[i] for i in sorted(perm[:keep])]
+        tef += [files[i] for i in sorted(perm[keep:])]
+        trl += [c] * keep
+        tel += [c] * n_test
+    note = (f"imagenet-r: {folder} has no train/test split (APER/PILOT's train/ and test/ folders, or CODA-Prompt's "
+            "imagenet-r_train.yaml / imagenet-r_test.yaml), so retain split each class 80/20 itself (RandomState(0)); "
+            "results compare with the papers' only approximately")
+    return ImageLists(trf, trl, tef, tel, classes, variant=note)
+
+
+def cub200_lists(folder: Path) -> ImageLists:
+    """CUB-200-2011 (Wah et al., 2011): the official train/test split of train_test_split.txt (5,994 / 5,794), label
+    ids from image_class_labels.txt (1-based, here 0-based: the classes.txt order, i.e. the sorted folder names)."""
+    layout = SOURCES["cub200"].layout
+
+    def table(name: str) -> dict[str, str]:
+        out = {}
+        for n, line in enumerate(_read_lines(folder / name, layout), 1):
+            cols = line.split(maxsplit=1)
+            if len(cols) != 2:
+                raise DataError(f"{folder / name}, line {n}: expected '<id> <value>', got {line!r}")
+            out[cols[0]] = cols[1].strip()
+        return out
+
+    images, is_train, labels, names = (table(n) for n in ("images.txt", "train_test_split.txt",
+                                                             "image_class_labels.txt", "classes.txt"))
+    classes = [names[k] for k in sorted(names, key=int)]
+    split = ([], []), ([], [])
+    for image_id in sorted(images, key=int):
+        for name, t in (("train_test_split.txt", is_train), ("image_class_labels.txt", labels)):
+            if image_id not in t:
+                raise DataError(f"{folder / name}: no line for image {image_id} of images.txt; the files do not "
+                                "belong together")
+        c = int(labels[image_id]) - 1
+        if not 0 <= c < len(classes):
+            raise DataError(f"{folder / 'image_class_labels.txt'}: class {c + 1} of image {image_id} is not in "
+                            "classes.txt")
+        path = folder / "images" / images[image_id]
+        if not path.is_file():
+            raise DataError(f"{path}: listed in images.txt but missing; unpack CUB_200_2011.tgz again")
+        part = 0 if is_train[image_id] == "1" else 1
+        split[part][0].append(path)
+        split[part][1].append(c)
+    (trf, trl), (tef, tel) = split
+    return ImageLists(trf, trl, tef, tel, classes)
+
+
+def core50_lists(folder: Path) -> ImageLists:
+    """CORe50 (Lomonaco & Maltoni, CoRL 2017) at 128x128: s<session>/o<object>/*.png; training sessions 1, 2, 4, 5,
+    6, 8, 9, 11 and test sessions 3, 7, 10 (the paper's fixed test set); label id = object - 1 (50 classes).
+    ``train_groups``: each training row's session index 0..7, the NI scenario's tasks."""
+    objects = [f"o{i}" for i in range(1, 51)]
+    split = ([], [], []), ([], [], [])
+    for s in range(1, 12):
+        d = folder / f"s{s}"
+        if not d.is_dir():
+            raise DataError(f"{d}: missing; CORe50 needs all 11 sessions s1..s11 (training s1 s2 s4 s5 s6 s8 s9 s11, "
+                            "test s3 s7 s10) as core50_128x128.zip unpacks them")
+        part = 0 if s in CORE50_TRAIN_SESSIONS else 1
+        group = CORE50_TRAIN_SESSIONS.index(s) if part == 0 else -1
+        for c, o in enumerate(objects):
+            od = d / o
+            if not od.is_dir():
+                raise DataError(f"{od}: missing; every session holds the 50 objects o1..o50")
+            files = _images_in(od)
+            split[part][0].extend(files)
+            split[part][1].extend([c] * len(files))
+            split[part][2].extend([group] * len(files))
+    (trf, trl, trg), (tef, tel, _) = split
+    return ImageLists(trf, trl, tef, tel, objects, train_groups=trg)
+
+
+_IMAGE_MARKERS = {
+    "tinyimagenet": lambda f: (f / "wnids.txt").is_file(),
+    "imagenet-r": lambda f: bool(_wnid_dirs(f / "train")) or bool(_wnid_dirs(f)),
+    "cub200": lambda f: (f / "images.txt").is_file(),
+    "core50": lambda f: (f / "s1").is_dir() and (f / "s2").is_dir(),
+}
+_IMAGE_READERS = {"tinyimagenet": tinyimagenet_lists, "imagenet-r": imagenet_r_lists, "cub200": cub200_lists,
+                  "core50": core50_lists}
+_IMAGE_STATS = {  # per-channel normalisation: Mammoth's for Tiny-ImageNet, ImageNet's for the others
+    "tinyimagenet": ((0.4802, 0.4480, 0.3975), (0.2770, 0.2691, 0.2821)),
+}
+
+
+def _decode(name: str, folder: Path, split: str, files: list[Path], size: int | None):
+    """The decoded images of one split: retain.images' cached uint8 array ``[N, 3, size, size]`` on disk."""
+    from retain import images
+
+    where = hashlib.md5(str(folder.resolve()).encode()).hexdigest()[:8]  # two copies never share a cache file
+    cache = cache_dir() / "images" / f"{name}-{split}-{size or 'native'}-{where}.u8"
+    return images.decode_images(files, (size, size) if size else None, cache)
+
+
+def load_image_dataset(name: str, folder: str | os.PathLike) -> Arrays:
+    """Read image dataset ``name`` (a key of :data:`SOURCES` of an image kind) from its folder: the layout is
+    parsed and checked here, the files decoded (once, cached) by retain.images at the source's size."""
+    folder, src = Path(folder), SOURCES[name]
+    lists = _IMAGE_READERS[src.kind](folder)
+    mean, std = _IMAGE_STATS.get(src.kind, (IMAGENET_MEAN, IMAGENET_STD))
+    return Arrays(
+        name,
+        _decode(name, folder, "train", lists.train_files, src.size),
+        torch.tensor(lists.train_labels, dtype=torch.long),
+        _decode(name, folder, "test", lists.test_files, src.size),
+        torch.tensor(lists.test_labels, dtype=torch.long),
+        len(lists.classes), mean, std, source=str(folder), variant=lists.variant,
+        group_train=torch.tensor(lists.train_groups, dtype=torch.long) if lists.train_groups is not None else None,
+        class_names=tuple(lists.classes),
+    )
+
+
+CIFAR10_JPEG_NOTE = ("CIFAR-10 from JPEG files (a lossy re-encoding, {where}): label its numbers CIFAR-10 (JPEG q75) "
+                     "and compare them with published CIFAR-10 numbers only with that caveat, or with a reference "
+                     "implementation run on the same files")
+
+
+def cifar10_jpeg(folder: Path) -> Path | None:
+    """The CIFAR-10 JPEG copy in ``folder`` (an image-folder tar ``cifar10-jpeg.tar[.gz]`` or an unpacked
+    ``train/<class>/``, ``test/<class>/`` folder), or None."""
+    for name in ("cifar10-jpeg.tar.gz", "cifar10-jpeg.tar"):
+        if (folder / name).is_file():
+            return folder / name
+    if (folder / "train" / "airplane").is_dir() and (folder / "test" / "airplane").is_dir():
+        return folder
+    return None
+
+
+def load_cifar10_jpeg(folder: str | os.PathLike) -> Arrays:
+    """CIFAR-10 from a JPEG image folder or a tar of one (retain.images.image_folder; the ten class folders give the
+    standard label ids), with the lossy re-encoding recorded in :attr:`Arrays.variant`."""
+    from retain import images
+
+    where = cifar10_jpeg(Path(folder))
+    if where is None:
+        raise DataError(f"{folder}: no CIFAR-10 JPEG copy (cifar10-jpeg.tar.gz, or train/<class>/ and test/<class>/)")
+    x_train, y_train, _ = images.image_folder(where, "train", list(CIFAR10_CLASSES))
+    x_test, y_test, _ = images.image_folder(where, "test", list(CIFAR10_CLASSES))
+    for x, split in ((x_train, "train"), (x_test, "test")):
+        if tuple(x.shape[1:]) != (3, 32, 32):
+            raise DataError(f"{where}: {split} images are {list(x.shape[1:])}, CIFAR-10's are [3, 32, 32]")
+    return Arrays("cifar10", x_train, y_train.long(), x_test, y_test.long(), 10, (0.4914, 0.4822, 0.4465),
+                  (0.2470, 0.2435, 0.2616), source=str(where), variant=CIFAR10_JPEG_NOTE.format(where=where),
+                  class_names=CIFAR10_CLASSES)

@@ -154,11 +154,11 @@ class Method:
             if extra is not None:
                 loss = loss + extra
         ctx.optimizer.zero_grad(set_to_none=True)
-        ctx.backward(loss, len(view))
+        loss = ctx.backward(loss, len(view))
         self.before_update(ctx)
         ctx.step_optimizer()
         self.after_update(ctx, batch, ctx.gathered(out.float()))
-        return loss.detach()
+        return loss
 
     # ----------------------------------------------------------------------------------------- parameters
     def params(self) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Models: an MLP with configurable hidden sizes and a reduced ResNet-18 (Lopez-Paz & Ranzato 2017) for CIFAR.
+"""Models: an MLP with configurable hidden sizes, ResNet-18 (Mammoth's, and the reduced one of GEM / A-GEM) and the
+CIFAR ResNet-32; ``build_model`` makes one by name (``--arch`` / ``--model``) for a scenario's input shape.
 
 Multi-head output for task-IL is one output layer whose columns are grouped into per-task heads; the scenario's
 mask selects a task's head in the loss and in evaluation, which is exactly equivalent to separate heads (masked
@@ -34,7 +35,13 @@ class MLP(nn.Module):
 
 
 class _Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
+    """The basic residual block (He et al. 2016): conv3x3-BN-ReLU-conv3x3-BN, plus the shortcut, then ReLU.
+
+    Where the shape changes the shortcut is a 1x1 convolution with BN (option B, Mammoth's ResNet-18) or, with
+    ``pad_shortcut``, parameter-free (option A, the CIFAR ResNets of He et al. and PyCIL): every second pixel, the
+    new channels zero."""
+
+    def __init__(self, cin: int, cout: int, stride: int, pad_shortcut: bool = False):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
@@ -42,20 +49,49 @@ class _Block(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.shortcut = (_PadShortcut(cout - cin, stride) if pad_shortcut else
+                             nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-class ResNet18(nn.Module):
-    """Reduced ResNet-18: the four stages of two basic blocks with ``nf, 2nf, 4nf, 8nf`` channels (nf = 20 in the
-    GEM / A-GEM papers instead of 64), 3x3 stem, global average pooling, one linear output layer."""
+class _PadShortcut(nn.Module):
+    """Option-A shortcut: subsample by ``stride`` and append ``extra`` zero channels (no parameters)."""
 
-    def __init__(self, in_channels: int, n_outputs: int, nf: int = 20):
+    def __init__(self, extra: int, stride: int):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, nf, 3, 1, 1, bias=False)
+        self.extra, self.stride = extra, stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, 0, self.extra))
+
+
+STEMS = ("cifar", "imagenet")
+IMAGENET_STEM_FROM = 128  # pixels (the shorter side) from which build_model gives a ResNet-18 the ImageNet stem
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 (He et al. 2016): four stages of two basic blocks with ``nf, 2nf, 4nf, 8nf`` channels, global
+    average pooling, one linear output layer.
+
+    ``nf = 64`` is Mammoth's ``resnet18``, the backbone of the DER paper's protocol (Buzzega et al. 2020) and of
+    Mammoth's seq-tinyimg at 64 x 64; ``nf = 20`` is the reduced ResNet-18 of the GEM / A-GEM papers (Lopez-Paz &
+    Ranzato 2017, Chaudhry et al. 2019; Mammoth's ``reduced-resnet18``). ``stem = "cifar"``: one 3x3 convolution
+    with stride 1 and no max-pool (their stem, at 32 and 64 px); ``"imagenet"``: a 7x7 convolution with stride 2
+    and a 3x3 max-pool with stride 2 (the original ResNet's stem, for images of 128 px and more).
+    """
+
+    def __init__(self, in_channels: int, n_outputs: int, nf: int = 64, stem: str = "cifar"):
+        super().__init__()
+        if stem not in STEMS:
+            raise ConfigError(f"ResNet18 stem must be one of {', '.join(STEMS)}, got {stem!r}")
+        self.stem = stem
+        if stem == "cifar":
+            self.conv1 = nn.Conv2d(in_channels, nf, 3, 1, 1, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(in_channels, nf, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(nf)
         stages, cin = [], nf
         for i, stride in enumerate((1, 2, 2, 2)):
@@ -63,9 +99,39 @@ class ResNet18(nn.Module):
             stages += [_Block(cin, cout, stride), _Block(cout, cout, 1)]
             cin = cout
         self.stages = nn.Sequential(*stages)
+        pool = [nn.MaxPool2d(3, 2, 1)] if stem == "imagenet" else []
+        self.features = nn.Sequential(self.conv1, self.bn1, nn.ReLU(), *pool, self.stages, nn.AdaptiveAvgPool2d(1),
+                                      nn.Flatten())
+        self.head = nn.Linear(cin, n_outputs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+class ResNet32(nn.Module):
+    """The CIFAR ResNet-32 of the CIFAR-100 class-incremental papers (iCaRL, LUCIR, PODNet; PyCIL's ``resnet32``):
+    a 3x3 stem with 16 channels, three stages of five basic blocks with 16, 32, 64 channels (stride 2 into the
+    second and third), parameter-free option-A shortcuts, global average pooling, one linear layer (He et al. 2016,
+    section 4.2; 0.46 M parameters). Convolutions start from He et al.'s normal initialisation (fan-out), as in
+    that code; the rest from PyTorch's defaults."""
+
+    def __init__(self, in_channels: int, n_outputs: int, blocks: int = 5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        stages, cin = [], 16
+        for i, stride in enumerate((1, 2, 2)):
+            cout = 16 * 2**i
+            stages += [_Block(cin if b == 0 else cout, cout, stride if b == 0 else 1, pad_shortcut=True)
+                       for b in range(blocks)]
+            cin = cout
+        self.stages = nn.Sequential(*stages)
         self.features = nn.Sequential(self.conv1, self.bn1, nn.ReLU(), self.stages, nn.AdaptiveAvgPool2d(1),
                                       nn.Flatten())
         self.head = nn.Linear(cin, n_outputs)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
@@ -114,11 +180,24 @@ def parse_hidden(text: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
 
 def build_model(arch: str, input_shape: tuple[int, ...], n_outputs: int, hidden: tuple[int, ...] = (400, 400)
                 ) -> nn.Module:
-    """``arch`` = ``mlp`` or ``resnet18``."""
+    """retain's model ``arch`` (``retain.config.ARCHS``) for inputs of ``input_shape`` and ``n_outputs`` outputs.
+
+    ``mlp``: :class:`MLP` of ``hidden`` sizes. ``resnet18``: Mammoth's ResNet-18 (64 filters); ``resnet18-reduced``:
+    the GEM / A-GEM one (20 filters); both with the CIFAR stem below 128 px (CIFAR's 32, Tiny-ImageNet's 64, as
+    Mammoth) and the ImageNet stem from 128 px (ImageNet-R, CUB). ``resnet32``: the CIFAR ResNet-32, for inputs
+    under 128 px.
+    """
     if arch == "mlp":
         return MLP(math.prod(input_shape), n_outputs, hidden)
-    if arch == "resnet18":
-        if len(input_shape) != 3:
-            raise ConfigError(f"resnet18 needs image inputs [C, H, W], got shape {list(input_shape)}")
-        return ResNet18(input_shape[0], n_outputs)
-    raise ConfigError(f"unknown model {arch!r}; choose mlp or resnet18")
+    if arch not in ("resnet18", "resnet18-reduced", "resnet32"):
+        raise ConfigError(f"unknown model {arch!r}; choose mlp, resnet18, resnet18-reduced or resnet32")
+    if len(input_shape) != 3:
+        raise ConfigError(f"{arch} needs image inputs [C, H, W], got shape {list(input_shape)}: use --arch mlp")
+    side = min(input_shape[1:])
+    if arch == "resnet32":
+        if side >= IMAGENET_STEM_FROM:
+            raise ConfigError(f"resnet32 is the CIFAR ResNet for images under {IMAGENET_STEM_FROM} px, got "
+                              f"{input_shape[1]}x{input_shape[2]}: use --arch resnet18")
+        return ResNet32(input_shape[0], n_outputs)
+    stem = "imagenet" if side >= IMAGENET_STEM_FROM else "cifar"
+    return ResNet18(input_shape[0], n_outputs, nf=64 if arch == "resnet18" else 20, stem=stem)

@@ -2,9 +2,10 @@
 
 Each :class:`Protocol` records the settings a paper used (as run-configuration fields), its rows (a method,
 hyper-parameters, per-row training overrides) and the numbers it reports per scenario mode: final average
-accuracy in %, with the spread as published (SEM or std). Sources: docs/protocols.md (P1, P2, P3).
+accuracy in %, with the spread as published (SEM or std). Sources: docs/protocols.md (P1, P2, P3, P5).
 A row whose method is not registered, or whose hyper-parameters the method does not take, is skipped with a
-note; ``--quick`` runs a reduced version (fewer seeds and steps) and says so beside the numbers.
+note; ``--quick`` runs a reduced version (fewer seeds and steps, and only the protocol's ``quick_cells`` when it
+names some) and says so beside the numbers.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class Protocol:
     spread: str = "SEM"
     metric_tasks: int = 0  # metrics over tasks [metric_tasks:] only (A-GEM leaves the first 3 for tuning)
     note: str = ""
+    quick_cells: tuple[tuple[str, str], ...] = ()  # (row label, mode) that --quick runs; empty: every cell
 
 
 def _p(*vals: tuple[float, float | None] | None, modes: tuple[str, ...] = ("task", "domain", "class")
@@ -158,9 +160,78 @@ P3 = Protocol(
     spread="—",
 )
 
-PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (P1, P1_HSU, P2, P2_AGEM, P3)}
+
+
+def _p5(label: str, method: str, params: dict[str, Any], lr: float, class_il: tuple[float, float],
+        task_il: tuple[float, float]) -> list[Row]:
+    """One P5 configuration as two rows, one per mode: class-IL with the loss over every output from the first
+    task (Mammoth's cross-entropy), task-IL without it (there each task's head is the loss's outputs anyway)."""
+    return [Row(label, method, params, {"class": class_il}, {"lr": lr, "all_outputs": True}),
+            Row(label, method, params, {"task": task_il}, {"lr": lr})]
+
+
+# Best arguments: Mammoth utils/best_args.py['seq-cifar10'] (replay minibatch 32 everywhere). Mammoth's A-GEM and
+# GEM keep buffer_size // 5 rows per task (GEM: the total shared by the finished tasks, refilled at each task's
+# end); its oEWC penalty is λ Σ F (θ − θ*)², retain's λ/2 Σ F (θ − θ*)², hence λ 20 for its 10.
+_P5_BUFFERS = {  # buffer -> (ER, DER, DER++) published (class-IL, task-IL), mean ± std
+    200: (((44.79, 1.86), (91.19, 0.94)), ((61.93, 1.79), (91.40, 0.92)), ((64.88, 1.17), (91.92, 0.60))),
+    500: (((57.74, 0.27), (93.61, 0.27)), ((70.51, 1.67), (93.40, 0.39)), ((72.70, 1.36), (93.88, 0.50))),
+    5120: (((82.47, 0.52), (96.98, 0.17)), ((83.81, 0.33), (95.43, 0.33)), ((85.24, 0.49), (96.12, 0.21))),
+}
+_DERPP_WEIGHTS = {200: (0.1, 0.5), 500: (0.2, 0.5), 5120: (0.1, 1.0)}  # (α, β)
+_GEMS = {200: (((20.04, 0.34), (83.88, 1.49)), ((25.54, 0.76), (90.44, 0.94))),  # A-GEM, GEM
+         500: (((22.67, 0.57), (89.48, 1.45)), ((26.20, 1.26), (92.16, 0.64)))}
+
+P5 = Protocol(
+    "der-cifar10", "Sequential CIFAR-10 with DER (Buzzega et al. 2020)",
+    "Buzzega et al. 2020 (NeurIPS), Dark Experience for General Continual Learning, Table 2 (mean ± std, 10 runs); "
+    "best arguments from Mammoth utils/best_args.py",
+    "seq-cifar10", ("class", "task"),
+    {"arch": "resnet18", "optimizer": "sgd", "momentum": 0.0, "batch_size": 32, "epochs": 50, "iterations": None,
+     "augment": "crop-flip"},
+    10,
+    [
+        *(r for b, (er, der, derpp) in _P5_BUFFERS.items() for r in (
+            _p5(f"ER ({b})", "er", {"buffer_size": b, "replay_batch": 32}, 0.1, *er)
+            + _p5(f"DER ({b})", "der", {"buffer_size": b, "alpha": 0.3, "replay_batch": 32}, 0.03, *der)
+            + _p5(f"DER++ ({b})", "derpp", {"buffer_size": b, "alpha": _DERPP_WEIGHTS[b][0],
+                                            "beta": _DERPP_WEIGHTS[b][1], "replay_batch": 32}, 0.03, *derpp))),
+        *(r for b, (agem, gem) in _GEMS.items() for r in (
+            _p5(f"A-GEM ({b})", "agem", {"memory_per_task": b // 5, "sample_size": 32}, 0.03, *agem)
+            + _p5(f"GEM ({b})", "gem", {"memory_size": b, "margin": 0.5}, 0.03, *gem))),
+        *_p5("oEWC", "online_ewc", {"lambda": 20.0, "gamma": 1.0, "fisher": "empirical"}, 0.03,
+             (19.49, 0.12), (68.29, 3.92)),
+        *_p5("SI", "si", {"c": 0.5, "xi": 1.0}, 0.03, (19.48, 0.17), (68.05, 5.91)),
+        *_p5("LwF", "lwf", {"alpha": 3.0, "temperature": 2.0}, 0.01, (19.61, 0.05), (63.29, 2.35)),
+        *_p5("JOINT", "joint", {}, 0.1, (92.20, 0.15), (98.31, 0.12)),
+        *_p5("SGD", "finetune", {}, 0.1, (19.62, 0.05), (61.02, 3.33)),
+    ],
+    # the reduced protocol of the Mammoth side-by-side (issue 19): one epoch on the first 500 training and 200 test
+    # images of each class, one seed, class-IL, the buffer-500 rows; minutes of a CPU core per run
+    {"epochs": 1, "train_per_class": 500, "test_per_class": 200, "seeds": 1},
+    spread="std",
+    note="The paper's task-IL column is its class-IL model evaluated on each task's outputs (Mammoth); retain's "
+         "task-IL cells are separate runs trained in task-IL (each task's head), a different and easier setting. "
+         "Not run here: iCaRL, PNN (task-IL 95.13 ± 0.72). Known differences: Mammoth's oEWC weights its Fisher by "
+         "p(y|x) (retain: empirical), its SI clips gradients at 1, its LwF uses weight decay 5e-4 and a classifier "
+         "warm-up, and JOINT has no best arguments there (lr 0.1, as SGD). On cifar10-jpeg the numbers are "
+         "CIFAR-10 (JPEG q75).",
+    quick_cells=(("SGD", "class"), ("ER (500)", "class"), ("DER (500)", "class"), ("DER++ (500)", "class")),
+)
+
+PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (P1, P1_HSU, P2, P2_AGEM, P3, P5)}
 ALIASES = {"split-mnist": "p1", "van-de-ven": "p1", "hsu": "p1-hsu", "permuted-mnist": "p2", "agem": "p2-agem",
-           "der": "p3"}
+           "der": "p3", "p5": "der-cifar10", "seq-cifar10": "der-cifar10"}
+
+
+def plan(proto: Protocol, quick: bool = False) -> list[tuple[Row, str]]:
+    """The (row, mode) cells a reproduction runs, in the protocol's order: each mode the row has a published
+    number for (every mode when it records none); under ``quick`` only the protocol's ``quick_cells``, if any."""
+    cells = [(row, mode) for row in proto.rows for mode in proto.modes
+             if not row.published or row.published.get(mode) is not None]
+    if quick and proto.quick_cells:
+        cells = [(row, mode) for row, mode in cells if (row.label, mode) in proto.quick_cells]
+    return cells
 
 
 def get(name: str) -> Protocol:

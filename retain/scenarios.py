@@ -113,11 +113,15 @@ class Scenario:
         source = self.info.get("source", "")
         return (f"Scenario({self.name!r}, {self.mode}-IL, {self.n_tasks} tasks {classes}, "
                 f"{sum(sizes)} training rows ({min(sizes)}-{max(sizes)} per task), "
-                f"{'no' if self.y_test is None else sum(len(t.test_idx) for t in self.tasks)} test rows, inputs "
+                f"{'no' if self.y_test is None else self._test_rows()} test rows, inputs "
                 f"{list(self.input_shape)}, {self.n_outputs} outputs"
                 + (f", transform {self.transform}" if self.transform else "")
                 + (f", reduced to {self.info['reduced']}" if self.info.get("reduced") else "")
                 + (f", from {source}" if source else "") + ")")
+
+    def _test_rows(self) -> int:
+        """Distinct test rows over the tasks (CORe50 NI's tasks share one test set)."""
+        return len(torch.unique(torch.cat([t.test_idx for t in self.tasks])))
 
     def arrays(self) -> Arrays:
         """The data under this scenario (its train and test tensors), to build another scenario on, e.g.
@@ -143,9 +147,11 @@ class Scenario:
 
     @property
     def device(self) -> torch.device:
-        return self.x_train.device
+        return self.y_train.device  # images on disk (retain.images.DiskArray) stay on the host
 
     def to(self, device: str | torch.device) -> Scenario:
+        """The scenario on ``device``; inputs held on disk (a :class:`retain.images.DiskArray`, not a Tensor) stay
+        on the host, and :meth:`batch` sends each batch's rows to the device."""
         mv = lambda v: v.to(device) if isinstance(v, Tensor) else v  # noqa: E731
         tasks = [Task(t.classes, mv(t.train_idx), mv(t.test_idx), mv(t.val_idx)) for t in self.tasks]
         return replace(
@@ -183,8 +189,12 @@ class Scenario:
 
     def batch(self, idx: Tensor, t: Tensor | int, split: str = "train") -> Batch:
         """Gather rows ``idx`` of ``split`` for task(s) ``t``: scale, normalise, transform, map labels."""
+        from retain.images import DiskArray
+
         xs, ys = (self.x_test, self.y_test) if split == "test" else (self.x_train, self.y_train)
-        x, y = xs[idx], ys[idx]
+        # rows on disk are read on the host and sent to where the labels are (pinned, asynchronous on CUDA)
+        x = xs.gather(idx, ys.device) if isinstance(xs, DiskArray) else xs[idx]
+        y = ys[idx]
         task = t if isinstance(t, int) else None
         t_vec = torch.full((len(idx),), t, dtype=torch.long, device=idx.device) if task is not None else t
         return Batch(self.prepare(x, t if task is not None else t_vec), self.targets(y, t), t_vec, None, task)
@@ -295,34 +305,50 @@ def split(
     val_fraction: float = 0.0,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    increments: Sequence[int] | None = None,
 ) -> Scenario:
     """Split a dataset by classes: consecutive groups of ``classes_per_task`` classes of ``class_order``.
 
-    ``task_order`` permutes the resulting tasks (task-order sensitivity). In class-IL a class's output is its
-    position in the order the classes are met, so the seen classes are always a prefix of the outputs.
+    ``increments`` gives each task's number of classes instead (e.g. ``[50] + [10] * 5``: the B50-Inc10 start of
+    PODNet / LUCIR, a large first task); ``n_tasks``, if given too, must be its length. ``task_order`` permutes the
+    resulting tasks (task-order sensitivity). In class-IL a class's output is its position in the order the classes
+    are met, so the seen classes are always a prefix of the outputs.
     """
     _check_mode(mode)
     order = list(class_order) if class_order is not None else list(range(data.n_classes))
     if sorted(set(order)) != sorted(order) or any(not 0 <= c < data.n_classes for c in order):
         raise ConfigError(f"class_order must list distinct classes in 0..{data.n_classes - 1}, got {order}")
-    if n_tasks is None and classes_per_task is None:
-        classes_per_task = 2
-    if n_tasks is not None and n_tasks < 1:
-        raise ConfigError(f"n_tasks must be at least 1, got {n_tasks}")
-    if classes_per_task is None:
-        if n_tasks > len(order):
-            raise ConfigError(f"{n_tasks} tasks but only {len(order)} classes; use --n-tasks {len(order)} or fewer")
-        classes_per_task = len(order) // n_tasks
-    if classes_per_task < 1:
-        raise ConfigError(f"classes_per_task must be at least 1, got {classes_per_task}")
-    if n_tasks is None:
-        n_tasks = len(order) // classes_per_task
-    if n_tasks * classes_per_task > len(order):
-        raise ConfigError(
-            f"{n_tasks} tasks x {classes_per_task} classes needs {n_tasks * classes_per_task} classes, "
-            f"{data.name} has {len(order)}; lower --n-tasks"
-        )
-    groups = [order[i * classes_per_task:(i + 1) * classes_per_task] for i in range(n_tasks)]
+    if increments is not None:
+        increments = [int(k) for k in increments]
+        if not increments or min(increments) < 1 or sum(increments) > len(order):
+            raise ConfigError(f"increments must be task sizes >= 1 summing to at most {len(order)} classes, "
+                              f"got {increments}")
+        if classes_per_task is not None or n_tasks not in (None, len(increments)):
+            raise ConfigError(f"increments {increments} fix {len(increments)} tasks; drop n_tasks / "
+                              "classes_per_task")
+    else:
+        if n_tasks is None and classes_per_task is None:
+            classes_per_task = 2
+        if n_tasks is not None and n_tasks < 1:
+            raise ConfigError(f"n_tasks must be at least 1, got {n_tasks}")
+        if classes_per_task is None:
+            if n_tasks > len(order):
+                raise ConfigError(f"{n_tasks} tasks but only {len(order)} classes; use --n-tasks {len(order)} or "
+                                  "fewer")
+            classes_per_task = len(order) // n_tasks
+        if classes_per_task < 1:
+            raise ConfigError(f"classes_per_task must be at least 1, got {classes_per_task}")
+        if n_tasks is None:
+            n_tasks = len(order) // classes_per_task
+        if n_tasks * classes_per_task > len(order):
+            raise ConfigError(
+                f"{n_tasks} tasks x {classes_per_task} classes needs {n_tasks * classes_per_task} classes, "
+                f"{data.name} has {len(order)}; lower --n-tasks"
+            )
+        increments = [classes_per_task] * n_tasks
+    n_tasks = len(increments)
+    starts = [sum(increments[:i]) for i in range(n_tasks)]
+    groups = [order[s:s + k] for s, k in zip(starts, increments)]
     if task_order is not None:
         if sorted(task_order) != list(range(n_tasks)):
             raise ConfigError(f"task_order must be a permutation of 0..{n_tasks - 1}, got {list(task_order)}")
@@ -335,10 +361,13 @@ def split(
         tr, va = _val_split(tr, val_fraction, g)
         tasks.append(Task(classes, tr, te, va))
     label_map, task_out = _tables(mode, groups, data.n_classes, shared_labels=False)
+    # the record's warnings: files matching no published checksum, and a copy that differs from the reference
+    # data (retain.data.Arrays.variant, e.g. CIFAR-10 re-encoded as JPEG)
+    warning = "; ".join(w for w in (_unverified(data), getattr(data, "variant", "")) if w) or None
     sc = Scenario(f"split-{data.name}", mode, tasks, data.x_train, data.y_train, data.x_test, data.y_test,
                   label_map, task_out, mean=data.mean, std=data.std,
                   info={"class_order": order, "task_order": list(task_order or range(n_tasks)),
-                        "source": data.source, "unverified": _unverified(data)})
+                        "source": data.source, "unverified": warning})
     return sc.to(device)
 
 
@@ -422,7 +451,14 @@ def from_tensors(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tenso
                  **split_kwargs)
 
 
-def _materialise(ds: torch.utils.data.Dataset) -> tuple[Tensor, Tensor]:
+def _materialise(ds: torch.utils.data.Dataset, stream: bool | None = None, name: str = "dataset",
+                 num_workers: int | None = None) -> tuple[Tensor, Tensor]:
+    """A data set's inputs and labels: stacked in memory, or (``stream``; by default when the inputs would take
+    more than :data:`retain.images.STREAM_BYTES`) written once to an array file on disk, read by rows later."""
+    from retain import images
+
+    if stream or (stream is None and images.estimated_bytes(ds) > images.STREAM_BYTES):
+        return images.stream_dataset(ds, name, num_workers)
     loader = torch.utils.data.DataLoader(ds, batch_size=1024, shuffle=False)
     xs, ys = [], []
     for x, y in loader:
@@ -432,9 +468,18 @@ def _materialise(ds: torch.utils.data.Dataset) -> tuple[Tensor, Tensor]:
 
 
 def from_dataset(train: torch.utils.data.Dataset, test: torch.utils.data.Dataset, mode: str = "class",
-                 name: str = "dataset", **split_kwargs) -> Scenario:
-    """A class-split scenario from any map-style ``(x, y)`` datasets, read once into tensors."""
-    return from_tensors(*_materialise(train), *_materialise(test), mode=mode, name=name, **split_kwargs)
+                 name: str = "dataset", stream: bool | None = None, num_workers: int | None = None,
+                 **split_kwargs) -> Scenario:
+    """A class-split scenario from any map-style ``(x, y)`` datasets, read once.
+
+    Into tensors in memory; or, with ``stream`` (by default when a set's inputs, estimated from its first item,
+    exceed 2 GiB), through a DataLoader with ``num_workers`` background workers (default min(4, CPUs)) into an
+    array file under ``retain.data.cache_dir() / "datasets"``, whose rows each batch then reads from disk. Either
+    way the runs see the same batches in the same order (the batch indices do not depend on where the rows are).
+    """
+    x_train, y_train = _materialise(train, stream, f"{name}-train", num_workers)
+    x_test, y_test = _materialise(test, stream, f"{name}-test", num_workers)
+    return from_tensors(x_train, y_train, x_test, y_test, mode=mode, name=name, **split_kwargs)
 
 
 def per_class(sc: Scenario, train: int | None = None, test: int | None = None) -> Scenario:

@@ -303,9 +303,16 @@ class Trainer:
         if config.augment != "none":
             from retain import augment
 
+            if scenario.transform == "permute":
+                raise ConfigError(f"--augment {config.augment} would crop and flip permuted pixels, which are no "
+                                  "longer an image; use --augment none on a permuted scenario")
+
             self.ctx.augment = augment.build(config.augment, scenario.mean, scenario.std, scenario.input_shape)
         if config.precision == "fp16":
             self.ctx.scaler = torch.amp.GradScaler(self.device.type)
+        from retain import distributed
+
+        self.ctx.world = distributed.current()  # data-parallel when this process is one of several (api.execute)
         T = scenario.n_tasks
         self.R = [[math.nan] * T for _ in range(T)]
         self.V = [[math.nan] * T for _ in range(T)] if config.evaluate_val else None
@@ -323,7 +330,7 @@ class Trainer:
             self.checkpointer.resumed_from = self.position()
         else:
             with self.clock("eval_s"):
-                self.baseline = evaluate(self.ctx, self.scenario)
+                self.baseline = self.evaluate()
         guard = self.checkpointer.guard() if self.checkpointer is not None else contextlib.nullcontext()
         try:
             with guard:
@@ -419,9 +426,17 @@ class Trainer:
         """Row ``i`` of R (and of the validation matrix): every task's accuracy now that task ``i`` is trained."""
         self.losses.read()
         with self.clock("eval_s"):
-            self.R[i] = evaluate(self.ctx, self.scenario)
+            self.R[i] = self.evaluate()
             if self.V is not None:
-                self.V[i] = evaluate(self.ctx, self.scenario, "val")
+                self.V[i] = self.evaluate("val")
+
+    def evaluate(self, split: str = "test") -> list[float]:
+        """Every task's accuracy on ``split``; data-parallel, with rank 0's BatchNorm statistics everywhere."""
+        if self.ctx.world is not None:
+            from retain import distributed
+
+            distributed.broadcast_buffers(self.ctx.model, self.ctx.world)
+        return evaluate(self.ctx, self.scenario, split)
 
     def check_learned(self, task: int) -> None:
         """Warn when the task just trained is no better than a constant guess: a run can collapse (dead units,

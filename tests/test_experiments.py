@@ -228,3 +228,79 @@ def test_protocol_registry_is_consistent(name):
         assert set(row.published) <= set(p.modes)
         if row.method in methods():  # the recorded hyper-parameters are ones the method takes
             create(row.method, row.params)
+
+
+def _der_cifar10_jobs(quick: bool) -> list[tuple[reproduce.Row, str, dict]]:
+    """Each cell ``reproduce der-cifar10`` would run, resolved as the CLI resolves it (no data, no training)."""
+    from retain.config import RunConfig
+
+    p = reproduce.get("der-cifar10")
+    settings = dict(p.settings)
+    if quick:
+        settings.update({k: v for k, v in p.quick.items() if k != "seeds"})
+    base = RunConfig(benchmark=p.benchmark, data_dir="/nowhere", device="cpu")
+    return [(row, mode, ex.make_job(base, row.label, method=row.method, mode=mode, seed=0, params=dict(row.params),
+                                    **{**settings, **row.train}).spec) for row, mode in reproduce.plan(p, quick)]
+
+
+def test_der_cifar10_holds_the_papers_table_and_best_arguments():
+    p = reproduce.get("der-cifar10")
+    assert reproduce.get("p5") is p and p.benchmark == "seq-cifar10" and p.seeds == 10 and p.spread == "std"
+    cells = {(row.label, mode): row for row, mode in reproduce.plan(p)}
+    labels = {label for label, _ in cells}
+    assert labels == {f"{m} ({b})" for m in ("ER", "DER", "DER++") for b in (200, 500, 5120)} | \
+        {f"{m} ({b})" for m in ("A-GEM", "GEM") for b in (200, 500)} | {"oEWC", "SI", "LwF", "JOINT", "SGD"}
+    assert all((label, mode) in cells for label in labels for mode in ("class", "task"))
+    # spot checks against PROTOCOLS.md P5 (Buzzega et al. 2020, Table 2)
+    assert cells[("DER (500)", "class")].published["class"] == (70.51, 1.67)
+    assert cells[("DER (500)", "task")].published["task"] == (93.40, 0.39)
+    assert cells[("DER++ (5120)", "class")].published["class"] == (85.24, 0.49)
+    assert cells[("ER (200)", "task")].published["task"] == (91.19, 0.94)
+    assert cells[("A-GEM (500)", "class")].published["class"] == (22.67, 0.57)
+    assert cells[("SGD", "task")].published["task"] == (61.02, 3.33)
+    assert cells[("JOINT", "class")].published["class"] == (92.20, 0.15)
+    # best arguments (Mammoth utils/best_args.py, seq-cifar10)
+    assert cells[("DER++ (200)", "class")].params == {"buffer_size": 200, "alpha": 0.1, "beta": 0.5,
+                                                       "replay_batch": 32}
+    assert cells[("DER++ (5120)", "task")].params["alpha"] == 0.1 and \
+        cells[("DER++ (5120)", "task")].params["beta"] == 1.0
+    assert cells[("A-GEM (200)", "class")].params == {"memory_per_task": 40, "sample_size": 32}
+    lrs = {label: row.train["lr"] for (label, _), row in cells.items()}
+    assert lrs["ER (5120)"] == 0.1 and lrs["DER (200)"] == 0.03 and lrs["GEM (500)"] == 0.03 and lrs["SGD"] == 0.1
+
+
+def test_der_cifar10_cells_resolve_and_find_their_row_again():
+    full = _der_cifar10_jobs(quick=False)
+    assert len(full) == 36
+    for row, mode, spec in full:
+        assert spec["arch"] == "resnet18" and spec["augment"] == "crop-flip" and spec["batch_size"] == 32
+        assert spec["optimizer"] == "sgd" and spec["momentum"] == 0.0 and spec["epochs"] == 50
+        assert spec["all_outputs"] is (mode == "class")  # Mammoth's loss over every output, class-IL only
+        assert reproduce.row_of(reproduce.get("der-cifar10"), spec) is row  # the record maps back to its row
+
+
+def test_der_cifar10_quick_is_the_reduced_protocol_of_the_mammoth_comparison():
+    quick = _der_cifar10_jobs(quick=True)
+    assert sorted((row.label, mode) for row, mode, _ in quick) == \
+        [("DER (500)", "class"), ("DER++ (500)", "class"), ("ER (500)", "class"), ("SGD", "class")]
+    for _, _, spec in quick:
+        assert (spec["epochs"], spec["train_per_class"], spec["test_per_class"]) == (1, 500, 200)
+        assert spec["batch_size"] == 32 and spec["augment"] == "crop-flip"
+    assert reproduce.get("der-cifar10").quick["seeds"] == 1
+    # a finished quick run sits beside the paper's row, its difference in percent points
+    row, mode, spec = next(c for c in quick if c[0].label == "DER (500)")
+    rec = {"config": spec, "status": "done", "accuracy_matrix": [[0.5] * 5] * 5}
+    head, body = reproduce.comparison(reproduce.get("der-cifar10"), reproduce.cells_of(reproduce.get("der-cifar10"),
+                                                                                        [rec]))
+    assert body == [["DER (500)", "class", "1", "50.00", "70.51 ± 1.67", "-20.51"]]
+
+
+def test_der_cifar10_presets_are_the_buffer_500_best_arguments():
+    from retain.method import create
+
+    p = reproduce.get("der-cifar10")
+    rows = {row.label: row for row in p.rows}
+    for label, method in [("ER (500)", "er"), ("DER (500)", "der"), ("DER++ (500)", "derpp"), ("A-GEM (500)", "agem"),
+                          ("GEM (500)", "gem"), ("oEWC", "online_ewc"), ("SI", "si"), ("LwF", "lwf")]:
+        for mode in ("class", "task"):
+            assert create(method, preset=f"seq-cifar10/{mode}").params() == create(method, rows[label].params).params()

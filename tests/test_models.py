@@ -1,4 +1,5 @@
-"""Models: MLP sizes, the reduced ResNet-18, and building from a scenario's shape."""
+"""Models: MLP sizes, the ResNets (parameter counts against their references' structures), building from a
+scenario's shape."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ import retain
 from retain import scenarios
 from retain.data import Arrays
 from retain.errors import ConfigError
-from retain.models import MLP, ResNet18, build_model, parse_hidden
+from retain.models import MLP, ResNet18, ResNet32, build_model, parse_hidden
 
 
 def test_mlp_hidden_sizes():
@@ -26,14 +27,81 @@ def test_reduced_resnet18_shape_and_width():
         build_model("vit", (3, 32, 32), 10)
 
 
+def _params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def _mammoth_resnet18_params(nf: int, n_out: int, stem_k: int = 3) -> int:
+    """Mammoth's ``backbone/ResNetBlock.py`` ResNet(BasicBlock, [2, 2, 2, 2]), counted from its layer list: a bias-free
+    stem conv + BN, per block two bias-free 3x3 convs + two BNs, a 1x1 conv + BN shortcut where the shape changes,
+    the linear classifier."""
+    def conv(k: int, a: int, b: int) -> int:
+        return k * k * a * b
+
+    def bn(c: int) -> int:  # weight and bias
+        return 2 * c
+
+    total, cin = conv(stem_k, 3, nf) + bn(nf), nf
+    for i, stride in enumerate((1, 2, 2, 2)):
+        cout = nf * 2**i
+        for b in range(2):
+            a = cin if b == 0 else cout
+            total += conv(3, a, cout) + conv(3, cout, cout) + 2 * bn(cout)
+            if b == 0 and (stride != 1 or a != cout):
+                total += conv(1, a, cout) + bn(cout)
+        cin = cout
+    return total + 8 * nf * n_out + n_out
+
+
+def test_resnet18_matches_mammoth_parameter_count_and_stems():
+    m = build_model("resnet18", (3, 32, 32), 10)
+    assert _params(m) == _mammoth_resnet18_params(64, 10) == 11_173_962  # Mammoth's resnet18(10)
+    assert m.stem == "cifar" and m.conv1.kernel_size == (3, 3) and m.conv1.stride == (1, 1)
+    assert not any(isinstance(x, torch.nn.MaxPool2d) for x in m.modules())
+    assert m(torch.zeros(2, 3, 32, 32)).shape == (2, 10) and m.features(torch.zeros(2, 3, 32, 32)).shape == (2, 512)
+    # seq-tinyimg: Mammoth keeps the CIFAR stem at 64 px
+    tiny = build_model("resnet18", (3, 64, 64), 200)
+    assert tiny.stem == "cifar" and tiny(torch.zeros(1, 3, 64, 64)).shape == (1, 200)
+    # from 128 px: the ImageNet stem (7x7 stride 2 + 3x3 max-pool), torchvision's resnet18 at 10 classes
+    big = build_model("resnet18", (3, 128, 160), 10)
+    assert big.stem == "imagenet" and big.conv1.kernel_size == (7, 7) and big.conv1.stride == (2, 2)
+    assert _params(big) == _mammoth_resnet18_params(64, 10, stem_k=7) == 11_181_642
+    assert big.features(torch.zeros(1, 3, 128, 160)).shape == (1, 512)
+
+
+def test_reduced_resnet18_keeps_its_numbers():
+    m = build_model("resnet18-reduced", (3, 32, 32), 10)
+    assert type(m) is ResNet18 and m.head.in_features == 160
+    assert _params(m) == _mammoth_resnet18_params(20, 10) == 1_094_750  # Mammoth's reduced_resnet18(10)
+
+
+def test_resnet32_matches_pycil_structure_and_count():
+    """PyCIL's convs/cifar_resnet.py resnet32: 16-channel stem, 3 stages x 5 blocks of 16/32/64 channels,
+    parameter-free shortcuts, 64 features: 463,504 parameters before the classifier (0.46 M)."""
+    m = build_model("resnet32", (3, 32, 32), 10)
+    assert type(m) is ResNet32 and len(m.stages) == 15
+    assert [blk.conv2.out_channels for blk in m.stages] == [16] * 5 + [32] * 5 + [64] * 5
+    assert _params(m.features) == 463_504 and _params(m) == 463_504 + 64 * 10 + 10
+    assert m.features(torch.zeros(2, 3, 32, 32)).shape == (2, 64) and m(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    # the option-A shortcut: every second pixel, the new channels zero
+    x = torch.randn(1, 16, 8, 8)
+    sc = m.stages[5].shortcut(x)
+    assert sc.shape == (1, 32, 4, 4) and torch.equal(sc[:, :16], x[:, :, ::2, ::2]) and not sc[:, 16:].any()
+    with pytest.raises(ConfigError, match="resnet32 is the CIFAR ResNet"):
+        build_model("resnet32", (3, 224, 224), 10)
+    with pytest.raises(ConfigError, match="resnet32 needs image inputs"):
+        build_model("resnet32", (784,), 10)
+
+
 def test_resnet_trains_through_the_loop_on_cifar_shaped_data():
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=g)
     y = torch.arange(40) % 4
     sc = scenarios.split(Arrays("tiny-cifar", x, y, x[:16], y[:16], 4, (0.5,) * 3, (0.25,) * 3), "task", n_tasks=2)
-    r = retain.run(scenario=sc, arch="resnet18", method="finetune", epochs=1, batch_size=10, optimizer="sgd",
-                   lr=0.01)
-    assert len(r.accuracy_matrix) == 2 and r.config["arch"] == "resnet18"
+    r = retain.run(scenario=sc, arch="resnet18-reduced", method="finetune", epochs=1, batch_size=10,
+                   optimizer="sgd", lr=0.01)
+    assert len(r.accuracy_matrix) == 2 and r.config["arch"] == "resnet18-reduced"
+    assert r.model["parameters"] == _mammoth_resnet18_params(20, 4)
 
 
 def test_xavier_init_is_glorot_uniform_with_zero_biases():

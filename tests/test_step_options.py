@@ -114,3 +114,11 @@ def test_model_is_a_flag_for_arch(capsys):
 def test_the_record_has_gpu_memory_only_on_a_gpu():
     r = retain.run(**TINY, device="cpu")
     assert r.gpu_memory_mb is None and "gpu_memory_mb" in r.to_dict()
+
+
+def test_augmenting_permuted_pixels_is_refused():
+    x = torch.randint(0, 255, (40, 1, 8, 8), dtype=torch.uint8)
+    y = torch.arange(40) % 2
+    sc = retain.scenarios.permuted(retain.data.Arrays("toy", x, y, x, y, 2), n_tasks=2)
+    with pytest.raises(ConfigError, match="permuted pixels, which are no longer an image; use --augment none"):
+        retain.run(scenario=sc, augment="crop-flip", iterations=1)

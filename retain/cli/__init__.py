@@ -13,7 +13,7 @@ import sys
 import traceback
 from typing import Any
 
-from retain.cli import lab, run
+from retain.cli import lab, prepare, run
 from retain.cli.options import Parser, check_writable_file, one_line, with_config, write_json_atomic
 from retain.errors import RetainError
 
@@ -29,6 +29,7 @@ def build_parser() -> Parser:
     sub.required = True
     run.register(sub)
     lab.register(sub)
+    prepare.register(sub)
     return p
 
 

@@ -414,7 +414,7 @@ def register(sub: Any) -> None:
     c = sub.add_parser("compare", help="methods x seeds (x modes) on one benchmark: mean ± std of every metric")
     c.add_argument("--methods", help="comma-separated (default: finetune, ewc, er, agem — the classic comparison)")
     c.add_argument("--seeds", type=int, help="number of seeds (default 3)")
-    c.add_argument("--modes", help="comma-separated scenario modes (default: the benchmark's)")
+    c.add_argument("--modes", "--mode", help="comma-separated scenario modes (default: the benchmark's)")
     c.add_argument("--interval", choices=["std", "ci95"], default="std", help="spread shown: std or 95%% interval")
     c.add_argument("--name", help="experiment name in the store")
     c.add_argument("--config", metavar="FILE", help="options from a TOML/YAML file (flags override it)")

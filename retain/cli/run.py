@@ -56,6 +56,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps(run.spec(), sort_keys=True))
         return 0
     if args.store or args.resume or args.checkpoint_every:
+        from retain import distributed
+
+        if distributed.launched():
+            raise ConfigError("under torchrun every process would write the store: run without --store / --resume "
+                              "/ --checkpoint-every there, or use --devices N, which keeps one record")
         result = _run_in_store(args, run)
     else:
         bar = ProgressBar(run.config.n_tasks, enabled=not args.quiet, task_free=run.config.task_free)
@@ -63,6 +68,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             result = api.run(run, progress=bar)
         finally:
             bar.close()
+        if result is None:  # a process other than rank 0 of a torchrun launch: rank 0 reports
+            return 0
     for w in result.warnings:
         print(f"warning: {w}", file=sys.stderr)
     c = run.config

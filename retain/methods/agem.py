@@ -25,7 +25,8 @@ class AGEM(Method):
     Each task keeps ``memory_per_task`` rows. At every step, after backward, the reference gradient g_ref of the
     loss on ``sample_size`` rows drawn (without replacement) from the memory of the earlier tasks is computed; if
     ⟨g, g_ref⟩ < 0 the gradient becomes g − (gᵀg_ref / g_refᵀg_ref) g_ref (eq. 11), else it is left unchanged.
-    Cost per step: one extra forward/backward over ``sample_size`` rows, whatever the number of tasks.
+    Cost per step: one extra forward/backward over ``sample_size`` rows, whatever the number of tasks. The memory
+    stores rows un-augmented; with ``--augment`` the reference sample is augmented like a training batch.
 
     Hooks: ``after_update`` (memory insertion), ``before_update`` (projection).
     Deviations: the paper fills a task's memory (ring buffer) while training on it; here each task's memory is a
@@ -38,6 +39,10 @@ class AGEM(Method):
     sample_size: int = param(256, "memory rows drawn for the reference gradient (S in the paper)")
 
     presets = {
+        # P5 (Mammoth best_args.py, seq-cifar10, buffer 500, lr 0.03 set by the run): Mammoth keeps buffer_size // 5
+        # rows per task and draws 32 for the reference gradient
+        "seq-cifar10/class": {"memory_per_task": 100, "sample_size": 32},
+        "seq-cifar10/task": {"memory_per_task": 100, "sample_size": 32},
         "permuted-mnist/domain": {"memory_per_task": 250, "sample_size": 256},
         "split-mnist/task": {"memory_per_task": 220, "sample_size": 256},
         "split-mnist/domain": {"memory_per_task": 220, "sample_size": 256},
@@ -63,7 +68,7 @@ class AGEM(Method):
         ref = Batch(rows.x, rows.y, rows.t)
         params = [p for group in ctx.optimizer.param_groups for p in group["params"] if p.requires_grad]
         g = flat_grad(params)
-        loss = ctx.loss(ctx.forward(ref.x, ref.t), ref)
+        loss = ctx.loss(ctx.forward(ctx.augmented(ref.x), ref.t), ref)  # memory kept un-augmented
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         g_ref = torch.cat([(gr if gr is not None else torch.zeros_like(p)).reshape(-1)
                            for gr, p in zip(grads, params)])

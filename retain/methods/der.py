@@ -23,7 +23,9 @@ class DER(Method):
     Simple Baseline", NeurIPS 2020 (eq. 6; Mammoth's ``der``).
 
     The stored logits are the raw (unmasked) outputs of the step's forward pass on the current rows, i.e. the
-    network's response at insertion time, taken before the optimizer step as in the authors' code. The MSE is
+    network's response at insertion time, taken before the optimizer step as in the authors' code; with
+    ``--augment`` they are the outputs of the augmented view the step trained on, while the buffer keeps the
+    un-augmented rows, augmented afresh each time they are replayed (as in the authors' code). The MSE is
     the mean over rows and every output. ``replay_batch`` rows are drawn without replacement per step (default:
     the batch size, as in the paper). The buffer is a reservoir over everything seen (no task boundaries needed).
 
@@ -36,6 +38,9 @@ class DER(Method):
     replay_batch: int = param(0, "buffer rows per step (0 = the batch size)")
 
     presets = {
+        # P5 (Mammoth best_args.py, seq-cifar10, buffer 500; lr 0.03, set by the run)
+        "seq-cifar10/class": {"alpha": 0.3, "buffer_size": 500, "replay_batch": 32},
+        "seq-cifar10/task": {"alpha": 0.3, "buffer_size": 500, "replay_batch": 32},
         # Mammoth best_args for seq-mnist, buffer 500 (P3): α = 1.0, 128 buffer rows per step (lr 0.03, SGD,
         # batch 10 and --all-outputs are set by the run).
         "split-mnist/class": {"alpha": 1.0, "buffer_size": 500, "replay_batch": 128},
@@ -58,8 +63,9 @@ class DER(Method):
     def penalty(self, ctx: Any, batch: Batch, out: Tensor) -> Tensor | None:
         if len(self.buffer) == 0:
             return None
-        rows = self.buffer.sample(self.replay_batch or len(batch), ctx.rng)
-        return self.alpha * F.mse_loss(ctx.forward(rows.x, rows.t), rows.logits)
+        rows = self.buffer.sample(self.replay_batch or len(ctx.batch), ctx.rng)
+        # stored un-augmented, replayed under a fresh augmentation (Mammoth's DER)
+        return self.alpha * F.mse_loss(ctx.forward(ctx.augmented(rows.x), rows.t), rows.logits)
 
     def after_update(self, ctx: Any, batch: Batch, out: Tensor) -> None:
         new = batch.new

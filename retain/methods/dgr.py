@@ -49,6 +49,10 @@ class DGR(Method):
     ``observe`` (one step of the classifier and the generator; overridden because the replayed rows carry soft
     targets and their own weight, which the default masked mean cannot express).
 
+    Augmentation (``--augment``): the classifier trains on an augmented view of the current rows (partners'
+    ``penalty`` sees it too, as in the shared step); the generated rows are not augmented (the generator learns,
+    and replays, the un-augmented inputs: it is trained on the current rows as they came).
+
     Deviations: (1) in task-IL van de Ven replays every generated input once per previous head and averages over
     heads; here each row is routed to one sampled old head (as the issue asks), which has the same expectation at
     lower cost; (2) the likelihood is Bernoulli only when the inputs lie in [0, 1] (as MNIST's do); normalised
@@ -99,13 +103,14 @@ class DGR(Method):
         # The other hooks go through ctx.method, so that DGR inside a Compose (e.g. with EWC) keeps its partners'
         # penalties and update hooks.
         weight_current = 1.0 / (ctx.task + 1)
-        out = ctx.forward(batch.x, batch.t)
-        loss = ctx.loss(out, batch)
+        view = Batch(ctx.augmented(batch.x), batch.y, batch.t, batch.new, batch.task)  # --augment: the classifier's
+        out = ctx.forward(view.x, view.t)
+        loss = ctx.loss(out, view)
         replay = None
         if self.old_model is not None and ctx.task > 0:
             replay = self.replay(ctx, max(1, round(self.replay_ratio * len(batch))))
             loss = weight_current * loss + (1 - weight_current) * self.replay_loss(ctx, replay)
-        extra = ctx.method.penalty(ctx, batch, out)
+        extra = ctx.method.penalty(ctx, view, out)
         if extra is not None:
             loss = loss + extra
         ctx.optimizer.zero_grad(set_to_none=True)

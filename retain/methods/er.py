@@ -44,7 +44,9 @@ class ER(Method):
     second moment still has the old scale, and the step is up to t/(t − 1) times larger for hundreds of steps.)
 
     Hooks: ``augment`` (concat) or ``penalty`` (task), ``after_update`` (online insertion), ``end_task``
-    (herding / k-center selection). The buffer is part of ``state_dict`` (saved with checkpoints).
+    (herding / k-center selection). The buffer is part of ``state_dict`` (saved with checkpoints). It stores rows
+    un-augmented; with ``--augment`` replayed rows get a fresh augmentation each time (concat: with the batch, in
+    the shared step; task: ``ctx.augmented`` in the penalty), as Mammoth's ER does.
     Deviations: none in the update; the buffer variants are the ones named above.
     """
 
@@ -59,6 +61,9 @@ class ER(Method):
                            choices=WEIGHTINGS)
 
     presets = {
+        # P5 (Mammoth best_args.py, seq-cifar10, buffer 500; lr 0.1, set by the run)
+        "seq-cifar10/class": {"buffer_size": 500, "replay_batch": 32},
+        "seq-cifar10/task": {"buffer_size": 500, "replay_batch": 32},
         # Hsu et al. 2018 (P1 / Table 2): every memory method stores 1,100 samples, split evenly (their code
         # splits by task; two classes per task make that a class-balanced buffer).
         "split-mnist/task": {"buffer_size": 1100, "storage": "class_balanced"},
@@ -97,10 +102,11 @@ class ER(Method):
     def penalty(self, ctx: Any, batch: Batch, out: Tensor) -> Tensor | None:
         if self.weighting != "task" or len(self.buffer) == 0 or ctx.task == 0:
             return None
-        replay = self.replay(ctx, int(batch.is_new().sum()))
+        replay = self.replay(ctx, int(ctx.batch.is_new().sum()))  # the step's rows, every process's
         # added to the trainer's L_current: L_cur + (1 − 1/t)(L_replay − L_cur) = (1/t) L_cur + (1 − 1/t) L_replay
         share = ctx.task / (ctx.task + 1)
-        return share * (ctx.loss(ctx.forward(replay.x, replay.t), replay) - ctx.loss(out, batch))
+        replayed = ctx.forward(ctx.augmented(replay.x), replay.t)  # stored un-augmented, augmented when replayed
+        return share * (ctx.loss(replayed, replay) - ctx.loss(out, batch))
 
     def after_update(self, ctx: Any, batch: Batch, out: Tensor) -> None:
         if self.selection == "random":

@@ -133,4 +133,8 @@ class OnlineEWC(EWC):
     """Online EWC (Schwarz et al. 2018): ``ewc`` with ``online=true`` (one running Fisher, one anchor)."""
 
     online: bool = param(True, "online EWC (Schwarz et al. 2018): one running Fisher and one anchor")
-    # presets: inherited from EWC (van de Ven's code uses the same λ for both)
+    # EWC's presets (van de Ven's code uses the same λ for both), plus P5 (Mammoth best_args.py, seq-cifar10: its
+    # λ 10 with penalty λ Σ F (θ − θ*)², i.e. λ 20 in retain's λ/2; lr 0.03, set by the run)
+    presets = {**EWC.presets,
+               "seq-cifar10/class": {"lambda": 20.0, "gamma": 1.0, "fisher": "empirical"},
+               "seq-cifar10/task": {"lambda": 20.0, "gamma": 1.0, "fisher": "empirical"}}

@@ -31,6 +31,8 @@ class GEM(Method):
     Per-step cost with t tasks seen: t − 1 extra forward/backward passes over ``memory_per_task`` rows each, a
     (t − 1) x P gradient matrix (P = number of parameters) held in memory, O(t² P) to form G Gᵀ and a (t − 1)-sized
     QP (negligible), i.e. linear in the number of tasks for compute and memory (quadratic only in the tiny QP).
+    The memories are stored un-augmented; with ``--augment`` each memory gradient is taken on a fresh augmented
+    view of them, like the training batch's.
 
     With ``memory_size`` > 0 the memory is instead a total budget shared equally by the tasks finished so far,
     each task's share drawn at random from its training set at the end of the task (older shares shrink as tasks
@@ -53,6 +55,10 @@ class GEM(Method):
 
     needs_boundaries = True
     presets = {
+        # P5 (Mammoth best_args.py, seq-cifar10, buffer 500, lr 0.03 set by the run): Mammoth's buffer is a total
+        # shared by the finished tasks, refilled at each task's end
+        "seq-cifar10/class": {"memory_size": 500, "margin": 0.5},
+        "seq-cifar10/task": {"memory_size": 500, "margin": 0.5},
         # Hsu et al. 2018 (GEM_1100, their code): 1,100 rows shared by the finished tasks, margin 0.5.
         "split-mnist/task": {"memory_size": 1100},
         "split-mnist/domain": {"memory_size": 1100},
@@ -108,7 +114,7 @@ class GEM(Method):
     def _memory_grad(self, ctx: Any, params: list[torch.nn.Parameter], task: int) -> Tensor:
         rows = self.buffer.rows(task)
         mem = Batch(rows.x, rows.y, rows.t, None, task)
-        loss = ctx.loss(ctx.forward(mem.x, mem.t), mem)
+        loss = ctx.loss(ctx.forward(ctx.augmented(mem.x), mem.t), mem)  # memory kept un-augmented
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         return torch.cat([(gr if gr is not None else torch.zeros_like(p)).reshape(-1)
                           for gr, p in zip(grads, params)])

@@ -52,7 +52,10 @@ class MAMLReplay(Method):
 
     Hooks: ``observe`` (the whole step; the run's optimizer, Adam or SGD, takes the outer step with its learning
     rate set to ``outer_lr``). No task boundaries needed; every mode (the loss uses each row's mask). The memory is
-    the shared reservoir :class:`retain.buffers.Buffer` (``buffer_size`` 0 = none).
+    the shared reservoir :class:`retain.buffers.Buffer` (``buffer_size`` 0 = none). With ``--augment`` the
+    incoming batch is augmented once per step (the same view is support and query set) and the memory batch
+    afresh each step; the memory stores rows un-augmented, and partners' ``penalty`` sees the augmented view (as
+    in the shared step).
     Deviations from the chapter: the meta-gradient flows through the inner loop (see above).
     """
 
@@ -86,13 +89,14 @@ class MAMLReplay(Method):
         return fast
 
     def observe(self, ctx: Any, batch: Batch) -> Tensor:
-        fast = self.adapt(ctx, batch)
-        out = functional_call(ctx.model, fast, (batch.x,), strict=False)
-        loss = ctx.loss(out, batch)
+        view = Batch(ctx.augmented(batch.x), batch.y, batch.t, batch.new, batch.task)  # support and query alike
+        fast = self.adapt(ctx, view)
+        out = functional_call(ctx.model, fast, (view.x,), strict=False)
+        loss = ctx.loss(out, view)
         replay = replay_batch(self.buffer, len(batch), ctx.rng)
         if replay is not None:
-            loss = loss + ctx.loss(ctx.forward(replay.x, replay.t), replay)
-        extra = ctx.method.penalty(ctx, batch, out)  # partners' hooks when composed (ctx.method is the whole)
+            loss = loss + ctx.loss(ctx.forward(ctx.augmented(replay.x), replay.t), replay)
+        extra = ctx.method.penalty(ctx, view, out)  # partners' hooks when composed (ctx.method is the whole)
         if extra is not None:
             loss = loss + extra
         for group in ctx.optimizer.param_groups:

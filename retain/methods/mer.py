@@ -54,6 +54,9 @@ class MER(Method):
     memories in the order they were drawn. The memory is the shared reservoir :class:`retain.buffers.Buffer`
     (``buffer_size`` 0 = no memory).
 
+    Augmentation (``--augment``): the incoming batch is augmented once per step, each draw of memories afresh (as in
+    Mammoth's ``mer``); the memory stores the rows un-augmented.
+
     Deviations: the k−1 memories of a batch are distinct (drawn without replacement); the authors' getBatch
     reshuffles before each draw, so a memory can appear twice in one batch. ``replay_batch`` counts the current
     example (k, as in Algorithm 1); the authors' ``--replay_batch_size`` counts only the memories (their k − 1).
@@ -89,15 +92,18 @@ class MER(Method):
         params = [p for p in ctx.model.parameters() if p.requires_grad]
         lr = self.alpha or ctx.config.lr
         losses = []
+        seen = ctx.augmented(batch.x)  # the augmented view trains; the memory keeps the rows as they came
         for i in range(len(batch)):
             current = Batch(batch.x[i:i + 1], batch.y[i:i + 1], batch.t[i:i + 1], None, batch.task)
+            trained = Batch(seen[i:i + 1], batch.y[i:i + 1], batch.t[i:i + 1], None, batch.task)
             start_a = [p.detach().clone() for p in params] if self.gamma != 1.0 else []
             for _ in range(self.batches_per_example):
                 start_w = [p.detach().clone() for p in params] if self.beta != 1.0 else []
-                rows = [current]
+                rows = [trained]
                 replay = replay_batch(self.buffer, self.replay_batch - 1, ctx.rng)
                 if replay is not None:
-                    rows += [Batch(replay.x[j:j + 1], replay.y[j:j + 1], replay.t[j:j + 1], replay.new[j:j + 1])
+                    xr = ctx.augmented(replay.x)  # each draw of memories augmented afresh
+                    rows += [Batch(xr[j:j + 1], replay.y[j:j + 1], replay.t[j:j + 1], replay.new[j:j + 1])
                              for j in range(len(replay))]
                 for j, row in enumerate(rows):  # the current example first, then the memories (authors' getBatch)
                     loss = self._sgd(ctx, params, row, lr)
