@@ -372,13 +372,18 @@ class Trainer:
         stream = list(self.view.stream(c.batch_size, torch.Generator().manual_seed(c.seed), c.blurry, c.epochs))
         last_task = torch.stack([t[-1] for _, t, _ in stream]).tolist()  # read once, not once per step
         rows = sum(not math.isnan(row[0]) for row in self.R)  # rows filled (before a resume)
+        from retain.images import DiskArray, prefetch
+
+        batches = (self.view.batch(idx, t) for idx, t, _ in stream[self.task_step:])
+        if isinstance(self.view.x_train, DiskArray):  # the next batches' rows read while this step runs
+            batches = prefetch(batches, depth=2)
         with self.clock("train_s"):
-            for i in range(self.task_step, len(stream)):
-                idx, t, done = stream[i]
+            for i, batch in zip(range(self.task_step, len(stream)), batches):
+                _, t, done = stream[i]
                 self.task = ctx.task = last_task[i]
                 if self.scenario.mode == "class":
                     ctx.seen |= self.scenario.task_out[t].any(0)
-                self.step(self.view.batch(idx, t), len(stream))
+                self.step(batch, len(stream))
                 while rows < done:
                     self.evaluate_row(rows)
                     rows += 1

@@ -368,6 +368,15 @@ def test_from_dataset_streamed_to_disk_gives_the_same_accuracy_matrix(tmp_path):
     assert (retain.data.cache_dir() / "datasets").is_dir()
 
 
+def test_a_task_free_stream_from_disk_gives_the_same_accuracy_matrix(tmp_path):
+    results = []
+    for stream in (False, True):  # the stream's batches are prefetched from disk in the second run
+        sc = from_dataset(Images(80, 0), Images(40, 1), n_tasks=2, stream=stream, num_workers=1)
+        r = retain.run(scenario=sc, method="er", task_free=True, batch_size=8, hidden=(16,))
+        results.append(r.accuracy_matrix)
+    assert results[0] == results[1]
+
+
 # -------------------------------------------------------------------------------------------------- the CLI
 
 def test_retain_prepare_decodes_once_and_prints_path_shape_checksum(tmp_path, capsys):
