@@ -51,6 +51,9 @@ class Result:
     val_matrix: list[list[float]] | None = None
     peak_memory_mb: float | None = None
     gpu_memory_mb: float | None = None  # peak memory allocated on the GPU by the run (None on the CPU)
+    # class-IL runs: R again with each task's rows scored among that task's classes only (the same model and
+    # forward pass); what Mammoth's tables report as "Task-IL" beside a class-IL number
+    task_il_matrix: list[list[float]] | None = None
     memory: dict[str, int] | None = None  # the method's sample memory: {"rows", "bytes"} (Method.memory)
     model: dict[str, Any] | None = None  # what was trained: {"class", "parameters"} (the user's own model too)
     scenario: str | None = None  # the scenario that ran, in one line (tasks, classes, sizes, where the data came from)
@@ -89,6 +92,9 @@ class Result:
         lines.append("")
         lines.append(f"ACC {100 * m['acc']:.2f}%   BWT {100 * m['bwt']:+.2f}   FWT {100 * m['fwt']:+.2f}   "
                      f"forgetting {100 * m['forgetting']:.2f}   learning acc {100 * m['learning_acc']:.2f}%")
+        if self.task_il_matrix:  # a class-IL run: its final model scored within each task (Mammoth's "Task-IL")
+            lines.append(f"within each task's classes (task-IL of this class-IL model): "
+                         f"{100 * np.mean(self.task_il_matrix[-1]):.2f}%")
         lines.append(f"train {self.timings['train_s']:.2f} s   eval {self.timings['eval_s']:.2f} s"
                      + (f"   peak memory {self.peak_memory_mb:.0f} MB" if self.peak_memory_mb else ""))
         return "\n".join(lines)
@@ -163,6 +169,7 @@ def execute(run: Run, progress: Progress | None = None, checkpointer: Checkpoint
         versions=versions(),
         warnings=warnings,
         val_matrix=trained.val_matrix,
+        task_il_matrix=trained.task_il_matrix,
         peak_memory_mb=peak_memory_mb(),
         gpu_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         memory=run.method.memory(scenario).to_dict(),  # the samples it keeps, in the method's own words

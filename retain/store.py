@@ -43,6 +43,8 @@ CREATE TABLE IF NOT EXISTS runs (
     memory TEXT,                    -- JSON: the method's sample memory {"rows", "bytes"}
     model TEXT,                     -- JSON: {"class", "parameters"} of the model trained
     scenario TEXT,                  -- JSON: the scenario in one line
+    task_il_matrix TEXT,            -- JSON: class-IL runs, each task scored within its own classes
+    gpu_memory_mb REAL,
     error TEXT, error_task INTEGER, error_step INTEGER,
     host TEXT, pid INTEGER,
     created REAL NOT NULL, started REAL, finished REAL
@@ -57,9 +59,10 @@ CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
 """
 
 _JSON_COLUMNS = ("config", "accuracy_matrix", "baseline", "val_matrix", "metrics", "timings", "versions", "warnings",
-                 "memory", "model", "scenario")
+                 "memory", "model", "scenario", "task_il_matrix")
 # Columns added after stores had been written: added to an older store when it is opened for writing.
-_ADDED_COLUMNS = {"memory": "TEXT", "model": "TEXT", "scenario": "TEXT"}
+_ADDED_COLUMNS = {"memory": "TEXT", "model": "TEXT", "scenario": "TEXT", "task_il_matrix": "TEXT",
+                  "gpu_memory_mb": "REAL"}
 
 
 class StoreError(RetainError):
@@ -239,19 +242,21 @@ class Store:
         row = (status, config.get("benchmark"), config.get("method"), config.get("mode"), config.get("seed"),
                json.dumps(_clean(config), sort_keys=True), j("accuracy_matrix"), j("baseline"), j("val_matrix"),
                j("metrics"), j("timings"), j("versions"), j("warnings"), result.get("peak_memory_mb"), j("memory"),
-               j("model"), j("scenario"),
+               j("model"), j("scenario"), j("task_il_matrix"), result.get("gpu_memory_mb"),
                *(error or (None, None, None)), socket.gethostname(), os.getpid(), now, now)
         with self._write(f"record run {hash_}") as db:
             db.execute(
                 "INSERT INTO runs(status, benchmark, method, mode, seed, config, accuracy_matrix, baseline, "
-                "val_matrix, metrics, timings, versions, warnings, peak_memory_mb, memory, model, scenario, error, "
-                f"error_task, error_step, host, pid, created, finished, hash) VALUES ({', '.join('?' * 25)}) "
+                "val_matrix, metrics, timings, versions, warnings, peak_memory_mb, memory, model, scenario, "
+                "task_il_matrix, gpu_memory_mb, error, error_task, error_step, host, pid, created, finished, hash) "
+                f"VALUES ({', '.join('?' * 27)}) "
                 "ON CONFLICT(hash) DO UPDATE SET status=excluded.status, benchmark=excluded.benchmark, "
                 "method=excluded.method, mode=excluded.mode, seed=excluded.seed, config=excluded.config, "
                 "accuracy_matrix=excluded.accuracy_matrix, baseline=excluded.baseline, "
                 "val_matrix=excluded.val_matrix, metrics=excluded.metrics, timings=excluded.timings, "
                 "versions=excluded.versions, warnings=excluded.warnings, peak_memory_mb=excluded.peak_memory_mb, "
                 "memory=excluded.memory, model=excluded.model, scenario=excluded.scenario, "
+                "task_il_matrix=excluded.task_il_matrix, gpu_memory_mb=excluded.gpu_memory_mb, "
                 "error=excluded.error, error_task=excluded.error_task, error_step=excluded.error_step, "
                 "host=excluded.host, pid=excluded.pid, finished=excluded.finished",
                 (*row, hash_))
@@ -297,7 +302,7 @@ def _record(row: sqlite3.Row) -> dict[str, Any]:
     for k in _JSON_COLUMNS:
         if rec.get(k) is not None:
             rec[k] = json.loads(rec[k])
-    for k in ("accuracy_matrix", "val_matrix", "baseline"):
+    for k in ("accuracy_matrix", "val_matrix", "baseline", "task_il_matrix"):
         if rec.get(k) is not None:
             rec[k] = _restore_nan(rec[k])
     if rec.get("metrics"):

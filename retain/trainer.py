@@ -103,8 +103,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(ctx: Context, scenario: Scenario, split: str = "test") -> list[float]:
-    """Accuracy on every task's ``split`` set (evaluation mask: task-IL its head, class-IL all classes)."""
+def evaluate(ctx: Context, scenario: Scenario, split: str = "test", within_task: list[float] | None = None
+             ) -> list[float]:
+    """Accuracy on every task's ``split`` set (evaluation mask: task-IL its head, class-IL all classes).
+
+    ``within_task`` (a list to fill; class-IL): the same model's accuracy when each task's rows are scored among
+    that task's own classes only, from the same forward pass; what Mammoth reports as "Task-IL" for a class-IL run
+    (the DER table's second number), as opposed to a task-IL run, which also trains per task."""
     modes = [(m, m.training) for m in ctx.model.modules()]  # restored per module: a method may keep some in eval
     ctx.model.eval()
     accs = []
@@ -113,13 +118,20 @@ def evaluate(ctx: Context, scenario: Scenario, split: str = "test") -> list[floa
         idx = getattr(scenario.tasks[j], f"{split}_idx")
         if len(idx) == 0:
             accs.append(float("nan"))
+            if within_task is not None:
+                within_task.append(float("nan"))
             continue
         correct = torch.zeros((), dtype=torch.long, device=ctx.device)
+        among = torch.zeros((), dtype=torch.long, device=ctx.device)
         for start in range(0, len(idx), bs):
             b = scenario.batch(idx[start:start + bs], j, split)
             out = ctx.forward(b.x, b.t)
             correct += (masked(out, scenario.mask(j)).argmax(1) == b.y).sum()
+            if within_task is not None:
+                among += (masked(out, scenario.task_out[j]).argmax(1) == b.y).sum()
         accs.append(int(correct) / len(idx))
+        if within_task is not None:
+            within_task.append(int(among) / len(idx))
     for m, training in modes:
         m.training = training
     return accs
@@ -134,6 +146,7 @@ class Trained:
     timings: dict[str, float]
     warnings: list[str]
     val_matrix: list[list[float]] | None = None
+    task_il_matrix: list[list[float]] | None = None  # class-IL: R with each task scored among its own classes
 
 
 Progress = Callable[[int, int, int, float], None]  # (task, step within task, steps in task, loss)
@@ -316,6 +329,8 @@ class Trainer:
         T = scenario.n_tasks
         self.R = [[math.nan] * T for _ in range(T)]
         self.V = [[math.nan] * T for _ in range(T)] if config.evaluate_val else None
+        # class-IL: each row also scored within each task's own classes (Mammoth's "Task-IL" of the same model)
+        self.R_task = [[math.nan] * T for _ in range(T)] if scenario.mode == "class" else None
         self.baseline: list[float] = []
         self.task, self.task_step = 0, 0
         self.data: TaskData | None = None
@@ -339,7 +354,7 @@ class Trainer:
             if not isinstance(e, TrainingError):
                 self.losses.read()  # a loss that went non-finite before the failure is its cause
             raise
-        return Trained(self.R, self.baseline, dict(self.clock.seconds), list(self.ctx.warnings), self.V)
+        return Trained(self.R, self.baseline, dict(self.clock.seconds), list(self.ctx.warnings), self.V, self.R_task)
 
     def train_tasks(self) -> None:
         """Each task in turn: begin it (unless resumed inside it), its steps, ``end_task``, a row of R, and a
@@ -431,17 +446,19 @@ class Trainer:
         """Row ``i`` of R (and of the validation matrix): every task's accuracy now that task ``i`` is trained."""
         self.losses.read()
         with self.clock("eval_s"):
-            self.R[i] = self.evaluate()
+            self.R[i] = self.evaluate(within_task=self.R_task[i] if self.R_task is not None else None)
             if self.V is not None:
                 self.V[i] = self.evaluate("val")
 
-    def evaluate(self, split: str = "test") -> list[float]:
+    def evaluate(self, split: str = "test", within_task: list[float] | None = None) -> list[float]:
         """Every task's accuracy on ``split``; data-parallel, with rank 0's BatchNorm statistics everywhere."""
         if self.ctx.world is not None:
             from retain import distributed
 
             distributed.broadcast_buffers(self.ctx.model, self.ctx.world)
-        return evaluate(self.ctx, self.scenario, split)
+        if within_task is not None:
+            within_task.clear()
+        return evaluate(self.ctx, self.scenario, split, within_task)
 
     def check_learned(self, task: int) -> None:
         """Warn when the task just trained is no better than a constant guess: a run can collapse (dead units,
@@ -486,6 +503,7 @@ class Trainer:
                 "optimizer": ctx.optimizer.state_dict() if inside and ctx.optimizer is not None else None,
                 "optimizer_carry": None if inside or self.config.reset_optimizer else self.carried(),
                 "seen": ctx.seen, "data": self.data, "rng": _rng_state(ctx.rng), "R": self.R, "V": self.V,
+                "R_task": self.R_task,
                 "baseline": self.baseline, "timings": dict(self.clock.seconds), "warnings": list(ctx.warnings)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -503,6 +521,8 @@ class Trainer:
         self.R, self.baseline, self.clock.seconds = state["R"], state["baseline"], dict(state["timings"])
         if self.V is not None and state["V"] is not None:
             self.V = state["V"]
+        if self.R_task is not None and state.get("R_task") is not None:
+            self.R_task = state["R_task"]
         self.data, self.carry, ctx.optimizer = state["data"], state["optimizer_carry"], None
         if state["optimizer"] is not None:
             ctx.optimizer = ctx.make_optimizer()

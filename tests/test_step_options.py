@@ -122,3 +122,14 @@ def test_augmenting_permuted_pixels_is_refused():
     sc = retain.scenarios.permuted(retain.data.Arrays("toy", x, y, x, y, 2), n_tasks=2)
     with pytest.raises(ConfigError, match="permuted pixels, which are no longer an image; use --augment none"):
         retain.run(scenario=sc, augment="crop-flip", iterations=1)
+
+
+def test_a_class_il_run_also_scores_each_task_within_its_own_classes():
+    """Mammoth's tables report "Task-IL" of the class-IL model; the record keeps it beside R, from the same
+    forward pass: never below the class-IL accuracy, and equal to the argmax over the task's own outputs."""
+    r = retain.run(benchmark="split-digits", mode="class", n_tasks=2, iterations=40, hidden=(32,))
+    til = r.task_il_matrix
+    assert len(til) == 2 and all(w >= c - 1e-12 for w, c in zip(sum(til, []), sum(r.accuracy_matrix, [])))
+    assert til[0][0] == r.accuracy_matrix[0][0] or til[0][0] > r.accuracy_matrix[0][0]
+    assert "within each task's classes" in r.table()
+    assert retain.run(**TINY).task_il_matrix is None  # a task-IL run is scored within its tasks already
