@@ -246,11 +246,13 @@ def _der_cifar10_jobs(quick: bool) -> list[tuple[reproduce.Row, str, dict]]:
 def test_der_cifar10_holds_the_papers_table_and_best_arguments():
     p = reproduce.get("der-cifar10")
     assert reproduce.get("p5") is p and p.benchmark == "seq-cifar10" and p.seeds == 10 and p.spread == "std"
-    cells = {(row.label, mode): row for row, mode in reproduce.plan(p)}
+    run = reproduce.plan(p)
+    assert {mode for _, mode in run} == {"class"}  # the task-IL cells are read from the class-IL runs
+    cells = {(row.label, mode): row for row, _ in run for mode in ("class", "task")}
     labels = {label for label, _ in cells}
     assert labels == {f"{m} ({b})" for m in ("ER", "DER", "DER++") for b in (200, 500, 5120)} | \
         {f"{m} ({b})" for m in ("A-GEM", "GEM") for b in (200, 500)} | {"oEWC", "SI", "LwF", "JOINT", "SGD"}
-    assert all((label, mode) in cells for label in labels for mode in ("class", "task"))
+    assert all(row.published.get("class") and row.published.get("task") for row in cells.values())
     # spot checks against PROTOCOLS.md P5 (Buzzega et al. 2020, Table 2)
     assert cells[("DER (500)", "class")].published["class"] == (70.51, 1.67)
     assert cells[("DER (500)", "task")].published["task"] == (93.40, 0.39)
@@ -271,11 +273,11 @@ def test_der_cifar10_holds_the_papers_table_and_best_arguments():
 
 def test_der_cifar10_cells_resolve_and_find_their_row_again():
     full = _der_cifar10_jobs(quick=False)
-    assert len(full) == 36
+    assert len(full) == 18  # one class-IL run per configuration; its task-IL number comes from the same model
     for row, mode, spec in full:
         assert spec["arch"] == "resnet18" and spec["augment"] == "crop-flip" and spec["batch_size"] == 32
         assert spec["optimizer"] == "sgd" and spec["momentum"] == 0.0 and spec["epochs"] == 50
-        assert spec["all_outputs"] is (mode == "class")  # Mammoth's loss over every output, class-IL only
+        assert mode == "class" and spec["all_outputs"] is True  # Mammoth's loss over every output
         assert reproduce.row_of(reproduce.get("der-cifar10"), spec) is row  # the record maps back to its row
 
 
@@ -289,10 +291,11 @@ def test_der_cifar10_quick_is_the_reduced_protocol_of_the_mammoth_comparison():
     assert reproduce.get("der-cifar10").quick["seeds"] == 1
     # a finished quick run sits beside the paper's row, its difference in percent points
     row, mode, spec = next(c for c in quick if c[0].label == "DER (500)")
-    rec = {"config": spec, "status": "done", "accuracy_matrix": [[0.5] * 5] * 5}
+    rec = {"config": spec, "status": "done", "accuracy_matrix": [[0.5] * 5] * 5, "task_il_matrix": [[0.9] * 5] * 5}
     head, body = reproduce.comparison(reproduce.get("der-cifar10"), reproduce.cells_of(reproduce.get("der-cifar10"),
                                                                                         [rec]))
-    assert body == [["DER (500)", "class", "1", "50.00", "70.51 ± 1.67", "-20.51"]]
+    assert body == [["DER (500)", "class", "1", "50.00", "70.51 ± 1.67", "-20.51"],
+                    ["DER (500)", "task", "1", "90.00", "93.40 ± 0.39", "-3.40"]]  # the same run, within each task
 
 
 def test_der_cifar10_presets_are_the_buffer_500_best_arguments():

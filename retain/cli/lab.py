@@ -280,24 +280,21 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     base = RunConfig(benchmark=proto.benchmark, data_dir=args.data_dir, download=args.download, device=args.device)
     reg = registry()
     jobs, plan = [], []
-    for row in proto.rows:
+    for row, mode in reproduce.plan(proto, args.quick):  # the cells to run (--quick: the protocol's quick ones)
         if row.method not in reg:
             note(f"{row.label}: method {row.method!r} is not available yet; skipped")
             continue
-        for mode in proto.modes:
-            if row.published and row.published.get(mode) is None:
-                continue
-            if mode not in reg[row.method].modes:
-                note(f"{row.label}: {row.method} does not support {mode}-IL; skipped")
-                continue
-            try:
-                row_jobs = [ex.make_job(base, f"{row.label} {mode} s{s}", method=row.method, mode=mode, seed=s,
-                                        params=dict(row.params), **{**settings, **row.train}) for s in seeds]
-            except ConfigError as e:
-                note(f"{row.label}: {e}; skipped")
-                break
-            plan.append((row, mode, len(jobs), len(row_jobs)))
-            jobs += row_jobs
+        if mode not in reg[row.method].modes:
+            note(f"{row.label}: {row.method} does not support {mode}-IL; skipped")
+            continue
+        try:
+            row_jobs = [ex.make_job(base, f"{row.label} {mode} s{s}", method=row.method, mode=mode, seed=s,
+                                    params=dict(row.params), **{**settings, **row.train}) for s in seeds]
+        except ConfigError as e:
+            note(f"{row.label}: {e}; skipped")
+            continue
+        plan.append((row, mode, len(jobs), len(row_jobs)))
+        jobs += row_jobs
     _check_data(jobs)
     store = open_store(args)
     reduced = " (QUICK: reduced — " + ", ".join(f"{k}={v}" for k, v in proto.quick.items()) + \
