@@ -567,6 +567,13 @@ def resolve(config: RunConfig | dict[str, Any] | None = None, *, scenario: Any =
         raise ConfigError("--arch / --hidden build retain's own model, but a model was given: drop them")
     if model is not None:
         c.arch = f"custom:{type(model).__name__}"
+    if scenario is None:  # a protocol's per-method training values (the preset's lr...), under the user's
+        from retain.method import method_class, training_preset
+
+        cls = type(method) if method is not None else method_class(c.method)
+        for k, v in training_preset(cls, f"{c.benchmark}/{c.mode}").items():
+            if getattr(c, k) is None:
+                setattr(c, k, coerce(k, v))
     _fill_training(c, defaults)
     if method is None:
         method = create(c.method, c.params, preset=f"{c.benchmark}/{c.mode}")

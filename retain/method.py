@@ -19,7 +19,8 @@ hook                                   contract
 =====================================  =====================================================================
 
 Class attributes: ``modes`` (the scenario modes supported), ``needs_boundaries`` (True if the method cannot run
-on a task-free stream), ``presets`` (tuned hyper-parameters per ``"benchmark/mode"``, applied by default).
+on a task-free stream), ``presets`` (tuned hyper-parameters per ``"benchmark/mode"``, applied by default; a
+preset may also set the run's ``lr``, ``momentum``, ``batch_size`` or ``optimizer``, see :data:`PRESET_TRAINING`).
 A misspelled hook (``end_tsak``, ``penalti``) is an error at class creation, not a silently ignored method.
 
 Where methods come from (:func:`method_class` parses every name): the modules of :mod:`retain.methods`, the
@@ -572,6 +573,18 @@ def _coerce(method: str, name: str, typ: Any, value: Any, choices: Any) -> Any:
     return out
 
 
+# Run options a preset may set beside the hyper-parameters: a protocol's per-method training values (P5's best
+# arguments give DER lr 0.03 where ER trains at 0.1). Applied by retain.config.resolve over the benchmark's
+# defaults and under the user's values.
+PRESET_TRAINING = ("lr", "momentum", "batch_size", "optimizer")
+
+
+def training_preset(cls: type[Method], preset: str) -> dict[str, Any]:
+    """The run options (:data:`PRESET_TRAINING`) that ``cls``'s preset for ``"benchmark/mode"`` sets."""
+    fields = {h[0] for h in hyperparameters(cls)}
+    return {k: v for k, v in cls.presets.get(preset, {}).items() if k in PRESET_TRAINING and k not in fields}
+
+
 def create(name: str, params: dict[str, Any] | None = None, preset: str | None = None) -> Method:
     """Instantiate method ``name`` (or a hybrid ``a+b``, see :func:`method_class`) with ``params`` (strings are
     converted to the field types).
@@ -581,7 +594,8 @@ def create(name: str, params: dict[str, Any] | None = None, preset: str | None =
     """
     cls = method_class(name)
     spec = {h[0]: h for h in hyperparameters(cls)}
-    values = dict(cls.presets.get(preset, {})) if preset else {}
+    values = {k: v for k, v in (cls.presets.get(preset, {}) if preset else {}).items()
+              if k in spec or k not in PRESET_TRAINING}  # a preset's training options are resolve()'s
     values.update(params or {})
     kwargs = {}
     for key, value in values.items():

@@ -133,3 +133,15 @@ def test_a_class_il_run_also_scores_each_task_within_its_own_classes():
     assert til[0][0] == r.accuracy_matrix[0][0] or til[0][0] > r.accuracy_matrix[0][0]
     assert "within each task's classes" in r.table()
     assert retain.run(**TINY).task_il_matrix is None  # a task-IL run is scored within its tasks already
+
+
+def test_a_preset_sets_the_protocols_learning_rate_under_the_users():
+    """P5's best arguments differ per method (DER lr 0.03, ER 0.1): the preset carries the run's lr, over the
+    benchmark's default and under the user's; it is not a method parameter."""
+    assert resolve(benchmark="seq-cifar10", method="der").config.lr == 0.03
+    assert resolve(benchmark="seq-cifar10", method="er").config.lr == 0.1  # the benchmark's
+    assert resolve(benchmark="seq-cifar10", method="der", lr=0.5).config.lr == 0.5
+    assert resolve(benchmark="seq-cifar10", method="der").config.params["alpha"] == 0.3
+    assert resolve(benchmark="split-digits", method="der").config.lr == 1e-3  # no such preset there
+    with pytest.raises(ConfigError, match="der: unknown parameter 'lr'"):
+        resolve(benchmark="seq-cifar10", method="der", params={"lr": 0.1})

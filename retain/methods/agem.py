@@ -41,8 +41,8 @@ class AGEM(Method):
     presets = {
         # P5 (Mammoth best_args.py, seq-cifar10, buffer 500, lr 0.03 set by the run): Mammoth keeps buffer_size // 5
         # rows per task and draws 32 for the reference gradient
-        "seq-cifar10/class": {"memory_per_task": 100, "sample_size": 32},
-        "seq-cifar10/task": {"memory_per_task": 100, "sample_size": 32},
+        "seq-cifar10/class": {"lr": 0.03, "memory_per_task": 100, "sample_size": 32},
+        "seq-cifar10/task": {"lr": 0.03, "memory_per_task": 100, "sample_size": 32},
         "permuted-mnist/domain": {"memory_per_task": 250, "sample_size": 256},
         "split-mnist/task": {"memory_per_task": 220, "sample_size": 256},
         "split-mnist/domain": {"memory_per_task": 220, "sample_size": 256},

@@ -35,8 +35,8 @@ class DERPP(DER):
 
     presets = {
         # P5 (Mammoth best_args.py, seq-cifar10, buffer 500; lr 0.03, set by the run)
-        "seq-cifar10/class": {"alpha": 0.2, "beta": 0.5, "buffer_size": 500, "replay_batch": 32},
-        "seq-cifar10/task": {"alpha": 0.2, "beta": 0.5, "buffer_size": 500, "replay_batch": 32},
+        "seq-cifar10/class": {"lr": 0.03, "alpha": 0.2, "beta": 0.5, "buffer_size": 500, "replay_batch": 32},
+        "seq-cifar10/task": {"lr": 0.03, "alpha": 0.2, "beta": 0.5, "buffer_size": 500, "replay_batch": 32},
         # Mammoth best_args for seq-mnist, buffer 500 (P3): α = 1.0, β = 0.5, buffer rows per sample = the batch
         # size (lr 0.03, SGD, batch 10 and --all-outputs are set by the run).
         "split-mnist/class": {"alpha": 1.0, "beta": 0.5, "buffer_size": 500},

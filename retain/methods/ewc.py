@@ -136,5 +136,5 @@ class OnlineEWC(EWC):
     # EWC's presets (van de Ven's code uses the same λ for both), plus P5 (Mammoth best_args.py, seq-cifar10: its
     # λ 10 with penalty λ Σ F (θ − θ*)², i.e. λ 20 in retain's λ/2; lr 0.03, set by the run)
     presets = {**EWC.presets,
-               "seq-cifar10/class": {"lambda": 20.0, "gamma": 1.0, "fisher": "empirical"},
-               "seq-cifar10/task": {"lambda": 20.0, "gamma": 1.0, "fisher": "empirical"}}
+               "seq-cifar10/class": {"lr": 0.03, "lambda": 20.0, "gamma": 1.0, "fisher": "empirical"},
+               "seq-cifar10/task": {"lr": 0.03, "lambda": 20.0, "gamma": 1.0, "fisher": "empirical"}}

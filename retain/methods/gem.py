@@ -57,8 +57,8 @@ class GEM(Method):
     presets = {
         # P5 (Mammoth best_args.py, seq-cifar10, buffer 500, lr 0.03 set by the run): Mammoth's buffer is a total
         # shared by the finished tasks, refilled at each task's end
-        "seq-cifar10/class": {"memory_size": 500, "margin": 0.5},
-        "seq-cifar10/task": {"memory_size": 500, "margin": 0.5},
+        "seq-cifar10/class": {"lr": 0.03, "memory_size": 500, "margin": 0.5},
+        "seq-cifar10/task": {"lr": 0.03, "memory_size": 500, "margin": 0.5},
         # Hsu et al. 2018 (GEM_1100, their code): 1,100 rows shared by the finished tasks, margin 0.5.
         "split-mnist/task": {"memory_size": 1100},
         "split-mnist/domain": {"memory_size": 1100},

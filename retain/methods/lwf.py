@@ -68,8 +68,8 @@ class LwF(Method):
     needs_boundaries = True
     presets = {
         # P5 (Mammoth best_args.py, seq-cifar10, buffer 500; lr 0.01, set by the run)
-        "seq-cifar10/class": {"alpha": 3.0, "temperature": 2.0},
-        "seq-cifar10/task": {"alpha": 3.0, "temperature": 2.0},
+        "seq-cifar10/class": {"lr": 0.01, "alpha": 3.0, "temperature": 2.0},
+        "seq-cifar10/task": {"lr": 0.01, "alpha": 3.0, "temperature": 2.0},
         "split-mnist/task": {"alpha": 1.0},
         "split-mnist/domain": {"alpha": 4.0},
         "split-mnist/class": {"alpha": 1.0},

@@ -52,8 +52,8 @@ class SI(Method):
     needs_boundaries = True
     presets = {
         # P5 (Mammoth best_args.py, seq-cifar10, buffer 500; lr 0.03, set by the run)
-        "seq-cifar10/class": {"c": 0.5, "xi": 1.0},
-        "seq-cifar10/task": {"c": 0.5, "xi": 1.0},
+        "seq-cifar10/class": {"lr": 0.03, "c": 0.5, "xi": 1.0},
+        "seq-cifar10/task": {"lr": 0.03, "c": 0.5, "xi": 1.0},
         "split-mnist/task": {"c": 10.0},
         "split-mnist/domain": {"c": 50000.0},
         "split-mnist/class": {"c": 5000.0},
