@@ -30,6 +30,7 @@ entry-point group ``retain.methods`` of installed packages (``mine = "package.mo
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import importlib.metadata
@@ -340,6 +341,15 @@ class Compose(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for m, s in zip(self.methods, state["parts"]):
             m.load_state_dict(s)
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The model as trained so far, in eval mode, with no gradients: a distillation teacher (LwF, iCaRL, BiC, WA,
+    LUCIR, PODNet)."""
+    old = copy.deepcopy(model).eval()
+    for p in old.parameters():
+        p.requires_grad_(False)
+    return old
 
 
 def own_step(method: Method) -> str | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +12,7 @@ from torch import Tensor, nn
 
 from retain.buffers import herding
 from retain.errors import ConfigError
-from retain.method import Memory, Method, param, register
+from retain.method import Memory, Method, frozen_copy, param, register
 from retain.methods.er import features
 from retain.methods.lwf import distillation
 from retain.scenarios import Batch, TaskData
@@ -84,14 +83,6 @@ def weighted_distillation(ctx: Any, out: Tensor, batch: Batch, teacher: Tensor, 
     if ce_weight == 1.0:
         return kd_weight * kd
     return kd_weight * kd + (ce_weight - 1.0) * ctx.loss(out, batch)
-
-
-def frozen_copy(model: nn.Module) -> nn.Module:
-    """The model as trained so far, in eval mode, with no gradients: the distillation teacher."""
-    old = copy.deepcopy(model).eval()
-    for p in old.parameters():
-        p.requires_grad_(False)
-    return old
 
 
 def old_outputs(scenario: Any, task: int) -> Tensor:

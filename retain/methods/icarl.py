@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +12,7 @@ from torch import Tensor, nn
 
 from retain.buffers import herding
 from retain.errors import ConfigError
-from retain.method import Memory, Method, param, register
+from retain.method import Memory, Method, frozen_copy, param, register
 from retain.scenarios import Batch, TaskData
 
 CLASSIFIERS = ("nme", "linear")
@@ -125,9 +124,7 @@ class ICaRL(Method):
     def begin_task(self, ctx: Any) -> None:
         if ctx.task == 0:
             return
-        self.old = copy.deepcopy(ctx.model).eval()
-        for p in self.old.parameters():
-            p.requires_grad_(False)
+        self.old = frozen_copy(ctx.model)
 
     def task_data(self, ctx: Any, data: TaskData) -> TaskData:
         if not self.exemplars:

@@ -3,7 +3,6 @@ finetuning (Hou et al. 2019); the exemplar memory and cosine head it shares with
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +13,7 @@ from torch import Tensor, nn
 
 from retain.buffers import herding
 from retain.errors import ConfigError
-from retain.method import Memory, Method, param, register
+from retain.method import Memory, Method, frozen_copy, param, register
 from retain.methods.er import features as model_features
 from retain.scenarios import Batch, TaskData
 
@@ -284,9 +283,7 @@ class LUCIR(Method):
         if ctx.task > 0:
             if self.imprint:
                 imprint(ctx, head, self.new_classes)
-            self.old = copy.deepcopy(ctx.model).eval()
-            for p in self.old.parameters():
-                p.requires_grad_(False)
+            self.old = frozen_copy(ctx.model)
             n_old, n_new = int(self.old_classes.sum()), max(int(self.new_classes.sum()), 1)
             self.lam = self.lambda_base * math.sqrt(n_old / n_new)
         self.fixed = ~head.rows(self.new_classes)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retain.errors import ConfigError
-from retain.method import Method, param, register
+from retain.method import Method, frozen_copy, param, register
 from retain.scenarios import Batch
 
 
@@ -93,9 +92,7 @@ class LwF(Method):
                      "find it barely better than fine-tuning; expect close to fine-tuning's accuracy")
         if ctx.task == 0:
             return
-        self.old = copy.deepcopy(ctx.model).eval()
-        for p in self.old.parameters():
-            p.requires_grad_(False)
+        self.old = frozen_copy(ctx.model)
         self.old_tasks = list(range(ctx.task))
 
     def penalty(self, ctx: Any, batch: Batch, out: Tensor) -> Tensor | None:

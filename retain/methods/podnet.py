@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +12,7 @@ from torch import Tensor, nn
 
 from retain.context import masked
 from retain.errors import ConfigError
-from retain.method import Memory, Method, param, register
+from retain.method import Memory, Method, frozen_copy, param, register
 from retain.methods.lucir import CosineHead, Exemplars, balanced_finetune, install_head
 from retain.scenarios import Batch, TaskData
 
@@ -187,9 +186,7 @@ class PODNet(Method):
         old = task_out[:ctx.task].any(0)
         new = task_out[ctx.task] & ~old
         if ctx.task > 0:
-            self.old = copy.deepcopy(ctx.model).eval()
-            for p in self.old.parameters():
-                p.requires_grad_(False)
+            self.old = frozen_copy(ctx.model)
             seen = int((old | new).sum())
             self.factor = math.sqrt(seen / max(int(new.sum()), 1))
         self.fixed = ~head.rows(new)

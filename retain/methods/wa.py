@@ -9,13 +9,12 @@ import torch
 from torch import Tensor, nn
 
 from retain.errors import ConfigError
-from retain.method import Memory, Method, param, register
+from retain.method import Memory, Method, frozen_copy, param, register
 from retain.methods.bic import (
     SELECTIONS,
     check_common,
     exemplar_data,
     exemplar_memory,
-    frozen_copy,
     old_outputs,
     select_exemplars,
     weighted_distillation,
