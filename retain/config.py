@@ -41,6 +41,7 @@ from retain.errors import ConfigError
 MODES = ("task", "domain", "class")
 # retain's own models (retain.models.build_model) and on-device augmentation pipelines (retain.augment.PIPELINES)
 ARCHS = ("mlp", "resnet18", "resnet18-reduced", "resnet32")
+INITS = ("default", "xavier", "agem")  # retain.models.initialise
 AUGMENTS = ("none", "crop-flip", "crop-flip-jitter", "rrc-flip", "rrc-flip-jitter")
 
 
@@ -107,6 +108,9 @@ class RunConfig:
     arch: str | None = option(None, "model: " + ", ".join(ARCHS) + " (default: the benchmark's; see docs/vision.md)",
                               choices=ARCHS, aliases=("--model",), metavar="NAME")
     hidden: tuple[int, ...] | None = option(None, "MLP hidden sizes, e.g. 400,400", check=_hidden, metavar="SIZES")
+    init: str = option("default", "weight initialisation: default (PyTorch's), xavier (Mammoth's: Glorot-uniform "
+                       "weights and zero biases in every linear layer), agem (the A-GEM authors': truncated normal, "
+                       "std 0.1, biases 0.1)", choices=INITS, hash="unless-default", neutral=("default",))
     epochs: int | None = option(None, "passes over each task's data", check=_at_least(1))
     iterations: int | None = option(None, "steps per task (instead of --epochs)", check=_at_least(1))
     batch_size: int | None = option(None, "training batch size", check=_at_least(1))
@@ -495,13 +499,13 @@ class Run:
         """The user's model, or the configured one, created after seeding torch with the run's seed."""
         import torch
 
-        from retain.models import build_model
+        from retain.models import build_model, initialise
 
         torch.manual_seed(self.config.seed)
-        if self.model is not None:
-            return self.model
         c = self.config
-        return build_model(c.arch, scenario.input_shape, scenario.n_outputs, c.hidden)
+        model = self.model if self.model is not None else build_model(c.arch, scenario.input_shape,
+                                                                      scenario.n_outputs, c.hidden)
+        return initialise(model, c.init)
 
     def train_config(self) -> Any:
         from retain.trainer import TrainConfig

@@ -163,6 +163,19 @@ def init_xavier_(module: nn.Module) -> nn.Module:
     return module
 
 
+def initialise(module: nn.Module, init: str) -> nn.Module:
+    """``module`` re-initialised in place by ``init`` (``retain.config.INITS``): ``default`` leaves PyTorch's
+    initialisation, ``xavier`` is :func:`init_xavier_` (linear layers only; convolutions keep PyTorch's, as in
+    Mammoth), ``agem`` is :func:`init_agem_` (every parameter)."""
+    if init == "xavier":
+        return init_xavier_(module)
+    if init == "agem":
+        return init_agem_(module)
+    if init != "default":
+        raise ConfigError(f"unknown --init {init!r}; choose default, xavier or agem")
+    return module
+
+
 def parse_hidden(text: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
     """``"400,400"`` -> ``(400, 400)``; every size a positive integer."""
     if isinstance(text, (tuple, list)):

@@ -119,3 +119,27 @@ def test_xavier_init_is_glorot_uniform_with_zero_biases():
         assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound  # fills the interval, not PyTorch's ±1/√fan_in
         assert abs(w.std().item() - bound / 3 ** 0.5) < 0.05 * bound  # a uniform's std: bound / √3
         assert torch.count_nonzero(x.bias) == 0
+
+
+def test_init_option_reinitialises_the_run_model_through_the_one_path():
+    """``--init xavier`` (config files, sweeps and the API alike): the built MLP's linear biases are zero and its
+    weights fill Glorot's interval; ``default`` leaves PyTorch's; an unknown name is a one-line error."""
+    import pytest
+
+    from retain.config import resolve
+    from retain.errors import ConfigError
+
+    run = resolve(benchmark="split-digits", mode="class", init="xavier", hidden=(50,))
+    sc = run.build_scenario()
+    m = run.build_model(sc)
+    first = next(x for x in m.modules() if isinstance(x, torch.nn.Linear))
+    assert torch.count_nonzero(first.bias) == 0
+    assert first.weight.abs().max() > 0.95 * (6 / sum(first.weight.shape)) ** 0.5
+    plain = resolve(benchmark="split-digits", mode="class", hidden=(50,))
+    first = next(x for x in plain.build_model(sc).modules() if isinstance(x, torch.nn.Linear))
+    assert torch.count_nonzero(first.bias) > 0  # PyTorch's biases are uniform, not zero
+    from retain.config import hashed
+
+    assert "init" not in hashed(plain.spec()) and hashed(run.spec())["init"] == "xavier"  # old stores keep hashes
+    with pytest.raises(ConfigError, match="unknown init 'kaiming'; choose one of default, xavier, agem"):
+        resolve(benchmark="split-digits", init="kaiming")
