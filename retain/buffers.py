@@ -35,6 +35,7 @@ Sampling a replay batch (:meth:`Buffer.sample`) is without replacement. The buff
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -366,3 +367,96 @@ def kcenter(features: Tensor, m: int) -> Tensor:
         dist = torch.minimum(dist, (f - f[i]).pow(2).sum(1))
         i = int(dist.argmax())
     return chosen
+
+
+# ------------------------------------------------------------------------------ exemplars kept as indices
+
+EMBED_CHUNK = 1000  # rows per forward when embedding training rows outside training
+
+
+@torch.no_grad()
+def embed(model: torch.nn.Module, scenario: Any, idx: Tensor, task: int, flip: bool = False) -> Tensor:
+    """φ of the training rows ``idx`` (of ``task``): ``model.features`` in evaluation mode (the flattened inputs
+    for a model without one), read from the scenario a chunk at a time, ``flip``: of the mirrored images."""
+    body = getattr(model, "features", None)
+    was = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(idx), EMBED_CHUNK):
+        x = scenario.batch(idx[i:i + EMBED_CHUNK], task).x
+        x = x.flip(-1) if flip else x
+        out.append((body(x) if body is not None else x).flatten(1).float())
+    model.train(was)
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+class Exemplars:
+    """An exemplar memory of ``size`` rows in total, split over the classes seen (iCaRL, BiC, WA, LUCIR, PODNet).
+
+    The rows are kept as indices into the scenario's training tensors, with their task, per class (output) in order
+    of choice: a later task's training set is its new data plus these rows (``data``), read in place like the new
+    rows, so a method's ``task_data`` hook returns ``data.cat(exemplars.data())``. Their cost is reported as stored
+    copies (``memory``). At the end of a task :meth:`select` chooses the new classes' rows from the task's whole
+    training set, ``herding`` in the model's feature space (iCaRL's Alg. 4) or ``random`` (with ``ctx.rng``), and
+    shrinks every class to its share keeping its first-chosen rows (iCaRL's Alg. 5).
+
+    ``remainder``: False gives each class ``size // classes seen`` (iCaRL's m = K / t, LUCIR, PODNet); True hands
+    the rest of the division to the earliest classes, so the memory is full (BiC, and WA as PyCIL fills it).
+    """
+
+    def __init__(self, size: int, remainder: bool = False):
+        self.size = size
+        self.remainder = remainder
+        self.idx: dict[int, Tensor] = {}  # output (class) -> training-set indices, in order of choice
+        self.task: dict[int, int] = {}  # output -> the task it was learnt in
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.idx.values())
+
+    def shares(self, classes: list[int]) -> dict[int, int]:
+        """Each of ``classes`` (in order of arrival) with its number of rows."""
+        base, extra = divmod(self.size, len(classes))
+        return {c: base + (self.remainder and i < extra) for i, c in enumerate(classes)}
+
+    @torch.no_grad()
+    def select(self, ctx: Any, how: str = "herding") -> None:
+        """Choose the current task's classes' rows and shrink every class to its share."""
+        if how not in ("herding", "random"):
+            raise ConfigError(f"exemplar selection must be herding or random, got {how!r}")
+        sc = ctx.scenario
+        data = sc.task_data(ctx.task)
+        y = sc.targets(sc.y_train[data.idx], ctx.task)
+        new = torch.unique(y).tolist()
+        share = self.shares([c for c in self.idx if c not in new] + new)
+        feats = embed(ctx.model, sc, data.idx, ctx.task) if how == "herding" else None
+        for c in new:
+            rows = (y == c).nonzero().flatten()
+            m = min(share[c], len(rows))
+            if feats is not None:
+                order = herding(feats[rows], m)
+            else:
+                order = torch.randperm(len(rows), generator=ctx.rng)[:m]
+            self.idx[c] = data.idx[rows[order.to(rows.device)]]
+            self.task[c] = ctx.task
+        for c in self.idx:
+            self.idx[c] = self.idx[c][:share[c]]
+
+    def data(self, leave_out: Tensor | None = None) -> Any:
+        """The rows as a :class:`retain.scenarios.TaskData` (classes in order of arrival), without ``leave_out``."""
+        from retain.scenarios import TaskData
+
+        if not self.idx:
+            return TaskData(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+        idx = torch.cat(list(self.idx.values()))
+        t = torch.cat([torch.full((len(v),), self.task[c], dtype=torch.long, device=v.device)
+                       for c, v in self.idx.items()])
+        if leave_out is not None and len(leave_out):
+            keep = ~torch.isin(idx, leave_out.to(idx.device))
+            idx, t = idx[keep], t[keep]
+        return TaskData(idx, t)
+
+    def memory(self, scenario: Any) -> Any:
+        """What the memory costs as stored copies: ``size`` rows, or every training row when there are fewer."""
+        from retain.method import Memory
+
+        return Memory.of(min(self.size, sum(len(task.train_idx) for task in scenario.tasks)), scenario)

@@ -14,7 +14,7 @@ from torch import nn
 import retain
 from retain import scenarios
 from retain.data import make_synthetic
-from retain.methods.bic import BiC, apply_correction, fit_bias, shares, weighted_distillation
+from retain.methods.bic import BiC, apply_correction, fit_bias, weighted_distillation
 from retain.methods.wa import WA, align_weights
 from retain.models import MLP
 from retain.scenarios import Batch
@@ -118,9 +118,10 @@ def test_exemplar_memory_is_class_balanced_with_the_total_budget():
     sc = tiny()
     method = BiC(buffer_size=20, bias_epochs=1)
     retain.run(scenario=sc, method=method, **RUN)
-    counts = {c: len(idx) for c, (idx, _) in method.exemplars.items()}
-    assert counts == shares(list(range(8)), 20) == {0: 3, 1: 3, 2: 3, 3: 3, 4: 2, 5: 2, 6: 2, 7: 2}
-    for c, (idx, task) in method.exemplars.items():
+    counts = {c: len(idx) for c, idx in method.exemplars.idx.items()}
+    assert counts == method.exemplars.shares(list(range(8))) == {0: 3, 1: 3, 2: 3, 3: 3, 4: 2, 5: 2, 6: 2, 7: 2}
+    for c, idx in method.exemplars.idx.items():
+        task = method.exemplars.task[c]
         assert torch.equal(sc.targets(sc.y_train[idx], task), torch.full((len(idx),), c))
     assert method.memory(sc).rows == 20
 

@@ -175,3 +175,44 @@ def test_bad_buffer_arguments():
     for kw in ({"capacity": 0}, {"capacity": -5}, {"per_class": 0}, {"capacity": 10, "per_class": 2}, {}):
         with pytest.raises(ConfigError):
             Buffer(**kw)
+
+
+def test_exemplars_split_the_total_keep_the_herding_prefix_and_read_rows_by_index():
+    """The index exemplar memory of iCaRL, BiC, WA, LUCIR and PODNet, by hand. Each class has the three rows
+    (1, 0), (0, 1), (0.8, 0.6) (scaled): herding picks (0.8, 0.6) first (nearest the mean direction), then (0, 1),
+    then (1, 0). Size 5 over two classes: 2 each (⌊5/2⌋), or 3 + 2 with the remainder to the earliest class; over
+    four classes: 1 each, or 2 + 1 + 1 + 1, every old class keeping its first-chosen rows."""
+    from types import SimpleNamespace
+
+    from retain.buffers import Exemplars
+    from retain.scenarios import from_tensors
+
+    base = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6]])
+    x = torch.cat([base * (c + 1) for c in range(4)])  # class c: rows 3c, 3c + 1, 3c + 2
+    y = torch.arange(4).repeat_interleave(3)
+    sc = from_tensors(x, y, x, y, "class", n_tasks=2)
+    assert torch.equal(sc.batch(torch.arange(12), 0).x, x)  # float features reach the model unchanged
+    model = torch.nn.Module()
+    model.features = torch.nn.Identity()
+    ctx = SimpleNamespace(scenario=sc, model=model, rng=torch.Generator().manual_seed(0))
+    floor, full = Exemplars(5), Exemplars(5, remainder=True)
+    for ex in (floor, full):
+        ctx.task = 0
+        ex.select(ctx)
+    assert {c: v.tolist() for c, v in floor.idx.items()} == {0: [2, 1], 1: [5, 4]}
+    assert {c: v.tolist() for c, v in full.idx.items()} == {0: [2, 1, 0], 1: [5, 4]}
+    for ex in (floor, full):
+        ctx.task = 1
+        ex.select(ctx)
+    assert {c: v.tolist() for c, v in floor.idx.items()} == {0: [2], 1: [5], 2: [8], 3: [11]}
+    assert {c: v.tolist() for c, v in full.idx.items()} == {0: [2, 1], 1: [5], 2: [8], 3: [11]}
+    assert len(floor) == 4 and len(full) == 5 and full.task == {0: 0, 1: 0, 2: 1, 3: 1}
+    data = full.data(leave_out=torch.tensor([1, 8]))
+    assert data.idx.tolist() == [2, 5, 11] and data.t.tolist() == [0, 0, 1]
+    assert full.memory(sc).rows == 5 and Exemplars(100).memory(sc).rows == 12  # never more than the data
+    rand = Exemplars(4)
+    ctx.task = 0
+    rand.select(ctx, "random")
+    assert all(len(v) == 2 and set(v.tolist()) <= set(range(3 * c, 3 * c + 3)) for c, v in rand.idx.items())
+    with pytest.raises(ConfigError):
+        rand.select(ctx, "kcenter")

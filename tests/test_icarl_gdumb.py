@@ -99,7 +99,7 @@ class _Recording(ICaRL):
 
     def end_task(self, ctx):
         super().end_task(ctx)
-        self.history.append({c: v.tolist() for c, v in self.exemplars.items()})
+        self.history.append({c: v.tolist() for c, v in self.exemplars.idx.items()})
 
 
 def test_icarl_memory_is_split_evenly_and_shrinks_by_dropping_the_last_chosen():
@@ -118,7 +118,7 @@ def test_icarl_memory_is_split_evenly_and_shrinks_by_dropping_the_last_chosen():
                 assert sets[c] == before[:m]  # the first m chosen are kept
     # each exemplar is a training row of its own class
     for c, rows in method.history[-1].items():
-        task = method.exemplar_task[c]
+        task = method.exemplars.task[c]
         assert sc.targets(sc.y_train[torch.tensor(rows)], task).eq(c).all()
     # the next task would train on its data plus every exemplar
     assert method.memory(sc).rows == 13

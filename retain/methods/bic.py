@@ -10,10 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from retain.buffers import herding
+from retain.buffers import Exemplars
 from retain.errors import ConfigError
 from retain.method import Memory, Method, frozen_copy, param, register
-from retain.methods.er import features
 from retain.methods.lwf import distillation
 from retain.scenarios import Batch, TaskData
 
@@ -21,56 +20,7 @@ SELECTIONS = ("herding", "random")
 WEIGHTINGS = ("paper", "mammoth")
 
 
-# ------------------------------------------------------------------------------------ the exemplar memory (iCaRL)
-# Shared with WA (retain/methods/wa.py). The memory is ``{output: (training indices in order of choice, task)}``:
-# each class's exemplars are rows of the training set, chosen at the end of the class's task; the training set of
-# a later task is the new data *and* these rows (iCaRL, BiC, WA), so the trainer reads them from the scenario by
-# index, exactly as it reads the new rows. What they cost is reported as stored copies (``memory``).
-
-def shares(classes: list[int], budget: int) -> dict[int, int]:
-    """A total ``budget`` split over ``classes`` (in order of arrival): equal shares, the earliest get the rest."""
-    base, extra = divmod(budget, len(classes))
-    return {c: base + (i < extra) for i, c in enumerate(classes)}
-
-
-@torch.no_grad()
-def select_exemplars(ctx: Any, exemplars: dict[int, tuple[Tensor, int]], budget: int, how: str) -> None:
-    """Choose the current task's exemplars (``herding`` in the model's feature space, or ``random``) and shrink every
-    class to its share of ``budget`` (a herding list truncated is the herding selection of that size)."""
-    data = ctx.scenario.task_data(ctx.task)
-    parts = [ctx.scenario.batch(data.idx[i:i + 4096], ctx.task) for i in range(0, len(data), 4096)]
-    x, y = torch.cat([b.x for b in parts]), torch.cat([b.y for b in parts])
-    new = torch.unique(y).tolist()
-    share = shares([c for c in exemplars if c not in new] + new, budget)
-    feats = features(ctx, x) if how == "herding" else None
-    for c in new:
-        rows = (y == c).nonzero().flatten()
-        m = min(share[c], len(rows))
-        if how == "herding":
-            order = herding(feats[rows], m)
-        else:
-            order = torch.randperm(len(rows), generator=ctx.rng)[:m].to(rows.device)
-        exemplars[c] = (data.idx[rows[order]], ctx.task)
-    for c, (idx, task) in list(exemplars.items()):
-        exemplars[c] = (idx[:share[c]], task)
-
-
-def exemplar_data(exemplars: dict[int, tuple[Tensor, int]], leave_out: Tensor | None = None) -> TaskData | None:
-    """The stored exemplars as training data (without the rows of ``leave_out``), or None when there are none."""
-    if not exemplars:
-        return None
-    idx = torch.cat([i for i, _ in exemplars.values()])
-    t = torch.cat([torch.full((len(i),), task, dtype=torch.long, device=i.device) for i, task in exemplars.values()])
-    if leave_out is not None and len(leave_out):
-        keep = ~torch.isin(idx, leave_out.to(idx.device))
-        idx, t = idx[keep], t[keep]
-    return TaskData(idx, t)
-
-
-def exemplar_memory(scenario: Any, budget: int) -> Memory:
-    """What an exemplar memory of ``budget`` rows costs as stored copies (at most the training rows there are)."""
-    return Memory.of(min(budget, sum(len(task.train_idx) for task in scenario.tasks)), scenario)
-
+# ----------------------------------------------------------------------- the distillation (shared with WA)
 
 def weighted_distillation(ctx: Any, out: Tensor, batch: Batch, teacher: Tensor, old: Tensor, kd_weight: float,
                           ce_weight: float, temperature: float) -> Tensor:
@@ -172,7 +122,7 @@ class BiC(Method):
             raise ConfigError(f"bic: weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
         if not (self.bias_lr > 0 and math.isfinite(self.bias_lr)):
             raise ConfigError(f"bic: bias_lr must be a finite number > 0, got {self.bias_lr}")
-        self.exemplars: dict[int, tuple[Tensor, int]] = {}
+        self.exemplars = Exemplars(self.buffer_size, remainder=True)
         self.teacher: nn.Module | None = None
         self.teacher_correction: tuple[Tensor, Tensor, Tensor] | None = None
         self.correction: tuple[Tensor, Tensor, Tensor] | None = None  # (new outputs, α, β) of the last task
@@ -181,7 +131,7 @@ class BiC(Method):
         self.ce_weight = 1.0
 
     def memory(self, scenario: Any) -> Memory:
-        return exemplar_memory(scenario, self.buffer_size)
+        return self.exemplars.memory(scenario)
 
     # --------------------------------------------------------------------------------------------- hooks
     def begin_task(self, ctx: Any) -> None:
@@ -196,11 +146,11 @@ class BiC(Method):
             self.kd_weight, self.ce_weight = self.temperature ** 2 / (ctx.task + 1), ctx.task / (ctx.task + 1)
         else:
             self.kd_weight, self.ce_weight = self.lam, 1.0 - self.lam
-        per_class = max(1, int(self.val_fraction * self.buffer_size / max(len(self.exemplars), 1)))
+        per_class = max(1, int(self.val_fraction * self.buffer_size / max(len(self.exemplars.idx), 1)))
         held = []
-        for idx, task in self.exemplars.values():
+        for c, idx in self.exemplars.idx.items():
             pick = torch.randperm(len(idx), generator=ctx.rng)[:min(per_class, len(idx) - 1)]
-            held.append((idx[pick.to(idx.device)], task))
+            held.append((idx[pick.to(idx.device)], self.exemplars.task[c]))
         data = sc.task_data(ctx.task)
         y = sc.targets(sc.y_train[data.idx], ctx.task)
         for c in torch.unique(y).tolist():
@@ -215,8 +165,7 @@ class BiC(Method):
             return data
         keep = ~torch.isin(data.idx, self.val.idx.to(data.idx.device))
         data = TaskData(data.idx[keep], data.t[keep])
-        stored = exemplar_data(self.exemplars, self.val.idx)
-        return data if stored is None else data.cat(stored)
+        return data.cat(self.exemplars.data(self.val.idx)) if len(self.exemplars) else data
 
     def penalty(self, ctx: Any, batch: Batch, out: Tensor) -> Tensor | None:
         if self.teacher is None:
@@ -229,7 +178,7 @@ class BiC(Method):
     def end_task(self, ctx: Any) -> None:
         if ctx.task > 0 and self.val is not None and len(self.val):
             self.correction = self.train_bias(ctx)
-        select_exemplars(ctx, self.exemplars, self.buffer_size, self.selection)
+        self.exemplars.select(ctx, self.selection)
 
     def forward(self, ctx: Any, x: Tensor, t: Tensor) -> Tensor:
         out = ctx.model(x)

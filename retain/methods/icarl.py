@@ -10,13 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from retain.buffers import herding
+from retain.buffers import Exemplars, embed
 from retain.errors import ConfigError
 from retain.method import Memory, Method, frozen_copy, param, register
 from retain.scenarios import Batch, TaskData
 
 CLASSIFIERS = ("nme", "linear")
-CHUNK = 1000  # rows per forward when computing features outside training
 
 
 def nme_scores(features: Tensor, means: Tensor) -> Tensor:
@@ -111,14 +110,13 @@ class ICaRL(Method):
             raise ConfigError(f"icarl: weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if self.classifier not in CLASSIFIERS:
             raise ConfigError(f"icarl: classifier must be one of {', '.join(CLASSIFIERS)}, got {self.classifier!r}")
-        self.exemplars: dict[int, Tensor] = {}  # output (class) -> training-row indices, in herding order
-        self.exemplar_task: dict[int, int] = {}  # output (class) -> the task it was learnt in
+        self.exemplars = Exemplars(self.buffer_size)  # m = K // t per class, in herding order
         self.means: Tensor | None = None  # [C, D] class means of the exemplars (rows follow mean_classes)
         self.mean_classes: Tensor | None = None  # [C] the outputs those means belong to
         self.old: nn.Module | None = None  # the model as the previous task left it (distillation targets)
 
     def memory(self, scenario: Any) -> Memory:
-        return Memory.of(self.buffer_size, scenario)
+        return self.exemplars.memory(scenario)
 
     # --------------------------------------------------------------------------------------------- hooks
     def begin_task(self, ctx: Any) -> None:
@@ -127,12 +125,7 @@ class ICaRL(Method):
         self.old = frozen_copy(ctx.model)
 
     def task_data(self, ctx: Any, data: TaskData) -> TaskData:
-        if not self.exemplars:
-            return data
-        idx = torch.cat(list(self.exemplars.values())).to(data.idx.device)
-        t = torch.cat([torch.full((len(v),), self.exemplar_task[c], dtype=torch.long)
-                       for c, v in self.exemplars.items()]).to(data.t.device)
-        return data.cat(TaskData(idx, t))
+        return data.cat(self.exemplars.data()) if len(self.exemplars) else data
 
     def observe(self, ctx: Any, batch: Batch) -> Tensor:
         view = ctx.view(batch)
@@ -147,23 +140,10 @@ class ICaRL(Method):
         return loss
 
     def end_task(self, ctx: Any) -> None:
-        sc = ctx.scenario
-        new = sc.task_out[ctx.task].nonzero().flatten().tolist()
-        classes = sorted(set(self.exemplars) | set(new))
-        m = self.buffer_size // len(classes)
-        for c in list(self.exemplars):  # Alg. 5: the shrinking rule keeps the first m chosen
-            self.exemplars[c] = self.exemplars[c][:m]
-        data = sc.task_data(ctx.task)
-        y = sc.targets(sc.y_train[data.idx], ctx.task)
-        for c in new:  # Alg. 4: herding in the normalised feature space of the model just trained
-            idx = data.idx[y == c]
-            if len(idx) == 0 or m == 0:
-                self.exemplars[c] = idx[:0].cpu()
-                self.exemplar_task[c] = ctx.task
-                continue
-            feats = self.features(ctx, idx, ctx.task)
-            self.exemplars[c] = idx[herding(feats, min(m, len(idx))).to(idx.device)].cpu()
-            self.exemplar_task[c] = ctx.task
+        if getattr(ctx.model, "features", None) is None:
+            raise ConfigError("icarl needs a model with a .features module (the representation φ); retain's mlp "
+                              "and resnet models have one")
+        self.exemplars.select(ctx)  # Alg. 5 (shrink, keeping the first m chosen), then Alg. 4 (herding)
         self.update_means(ctx)
 
     def forward(self, ctx: Any, x: Tensor, t: Tensor) -> Tensor:
@@ -191,32 +171,16 @@ class ICaRL(Method):
         return F.binary_cross_entropy_with_logits(out, target)
 
     @torch.no_grad()
-    def features(self, ctx: Any, idx: Tensor, task: int, flip: bool = False) -> Tensor:
-        """φ of training rows ``idx`` (of ``task``) under the current model in evaluation mode (unnormalised)."""
-        body = getattr(ctx.model, "features", None)
-        if body is None:
-            raise ConfigError("icarl needs a model with a .features module (the representation φ); retain's mlp "
-                              "and resnet models have one")
-        was = ctx.model.training
-        ctx.model.eval()
-        out = []
-        for i in range(0, len(idx), CHUNK):
-            x = ctx.scenario.batch(idx[i:i + CHUNK], task).x
-            out.append(body(x.flip(-1) if flip else x).flatten(1).float())
-        ctx.model.train(was)
-        return torch.cat(out)
-
-    @torch.no_grad()
     def update_means(self, ctx: Any) -> None:
         """μ_y of every class with exemplars, from the current model (Alg. 1's class means)."""
         flip = self.flip and len(ctx.scenario.input_shape) == 3
         classes, means = [], []
-        for c, idx in sorted(self.exemplars.items()):
+        for c, idx in sorted(self.exemplars.idx.items()):
             if len(idx) == 0:
                 continue
-            idx = idx.to(ctx.scenario.y_train.device)
-            feats = self.features(ctx, idx, self.exemplar_task[c])
-            flipped = self.features(ctx, idx, self.exemplar_task[c], flip=True) if flip else None
+            idx, task = idx.to(ctx.scenario.y_train.device), self.exemplars.task[c]
+            feats = embed(ctx.model, ctx.scenario, idx, task)
+            flipped = embed(ctx.model, ctx.scenario, idx, task, flip=True) if flip else None
             classes.append(c)
             means.append(class_mean(feats, flipped))
         if classes:

@@ -1,5 +1,5 @@
 """LUCIR: a cosine-normalised classifier with a less-forget constraint, a margin ranking loss and a class-balanced
-finetuning (Hou et al. 2019); the exemplar memory and cosine head it shares with PODNet live here too."""
+finetuning (Hou et al. 2019); the cosine head and the finetuning it shares with PODNet live here too."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from retain.buffers import herding
+from retain.buffers import Exemplars, embed
 from retain.errors import ConfigError
 from retain.method import Memory, Method, frozen_copy, param, register
-from retain.methods.er import features as model_features
 from retain.scenarios import Batch, TaskData
 
 # ------------------------------------------------------------------------------------------ the cosine head
@@ -76,59 +75,15 @@ def imprint(ctx: Any, head: CosineHead, new: Tensor) -> None:
     mean of its training rows' normalised embeddings, scaled to the mean norm of the older classes' weights."""
     old = head.rows(ctx.scenario.task_out[:ctx.task].any(0).to(head.weight.device))
     norm = head.weight[old].norm(dim=1).mean() if bool(old.any()) else head.weight.new_ones(())
-    x, y = _task_rows(ctx)
-    f = F.normalize(model_features(ctx, x).flatten(1), dim=1)
+    sc = ctx.scenario
+    data = sc.task_data(ctx.task)
+    y = sc.targets(sc.y_train[data.idx], ctx.task)
+    f = F.normalize(embed(ctx.model, sc, data.idx, ctx.task), dim=1)
     for c in new.nonzero().flatten().tolist():
         mine = f[y == c]
         if len(mine):
             w = F.normalize(mine.mean(0), dim=0) * norm
             head.weight[c * head.proxies:(c + 1) * head.proxies] = w
-
-
-def _task_rows(ctx: Any) -> tuple[Tensor, Tensor]:
-    """The current task's whole training set as prepared inputs and output-space targets."""
-    data = ctx.scenario.task_data(ctx.task)
-    parts = [ctx.scenario.batch(data.idx[i:i + 4096], ctx.task) for i in range(0, len(data), 4096)]
-    return torch.cat([b.x for b in parts]), torch.cat([b.y for b in parts])
-
-
-# ------------------------------------------------------------------------------------------ the exemplars
-
-class Exemplars:
-    """iCaRL's exemplar memory with a fixed total: ``size // classes seen`` rows per class, chosen by herding in
-    the model's (normalised) embedding space at the end of the class's task, kept in herding order so that a
-    smaller share keeps the first ones. Rows are kept as indices into the scenario's training tensors (read in
-    place when replayed), with their task ids."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self.idx: dict[int, Tensor] = {}  # output (class) -> training-set indices, in herding order
-        self.task: dict[int, int] = {}  # output -> its task
-
-    def __len__(self) -> int:
-        return sum(len(v) for v in self.idx.values())
-
-    @torch.no_grad()
-    def select(self, ctx: Any) -> None:
-        data = ctx.scenario.task_data(ctx.task)
-        x, y = _task_rows(ctx)
-        feats = model_features(ctx, x)
-        classes = torch.unique(y).tolist()
-        per_class = self.size // (len(self.idx) + len(classes))
-        for c in classes:
-            rows = (y == c).nonzero().flatten()
-            order = herding(feats[rows], min(per_class, len(rows)))
-            self.idx[c] = data.idx[rows[order.to(rows.device)]]
-            self.task[c] = ctx.task
-        for c in self.idx:
-            self.idx[c] = self.idx[c][:per_class]
-
-    def data(self) -> TaskData:
-        classes = sorted(self.idx)
-        idx = torch.cat([self.idx[c] for c in classes])
-        t = torch.cat([torch.full((len(self.idx[c]),), self.task[c], dtype=torch.long, device=idx.device)
-                       for c in classes])
-        return TaskData(idx, t)
 
 
 # ------------------------------------------------------------------------------------ the balanced finetuning
@@ -265,7 +220,7 @@ class LUCIR(Method):
         self._finetuning = False
 
     def memory(self, scenario: Any) -> Memory:
-        return Memory.of(self.buffer_size, scenario)
+        return self.exemplars.memory(scenario)
 
     def state_dict(self) -> dict[str, Any]:
         return {k: v for k, v in super().state_dict().items() if not k.startswith("_")}

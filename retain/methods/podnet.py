@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from retain.buffers import Exemplars
 from retain.context import masked
 from retain.errors import ConfigError
 from retain.method import Memory, Method, frozen_copy, param, register
-from retain.methods.lucir import CosineHead, Exemplars, balanced_finetune, install_head
+from retain.methods.lucir import CosineHead, balanced_finetune, install_head
 from retain.scenarios import Batch, TaskData
 
 
@@ -167,7 +168,7 @@ class PODNet(Method):
         self._finetuning = False
 
     def memory(self, scenario: Any) -> Memory:
-        return Memory.of(self.buffer_size, scenario)
+        return self.exemplars.memory(scenario)
 
     def state_dict(self) -> dict[str, Any]:
         return {k: v for k, v in super().state_dict().items() if not k.startswith("_")}

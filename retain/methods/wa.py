@@ -8,17 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from retain.buffers import Exemplars
 from retain.errors import ConfigError
 from retain.method import Memory, Method, frozen_copy, param, register
-from retain.methods.bic import (
-    SELECTIONS,
-    check_common,
-    exemplar_data,
-    exemplar_memory,
-    old_outputs,
-    select_exemplars,
-    weighted_distillation,
-)
+from retain.methods.bic import SELECTIONS, check_common, old_outputs, weighted_distillation
 from retain.scenarios import Batch, TaskData
 
 
@@ -93,13 +86,13 @@ class WA(Method):
 
     def __post_init__(self) -> None:
         check_common("wa", self.buffer_size, self.temperature, self.selection)
-        self.exemplars: dict[int, tuple[Tensor, int]] = {}
+        self.exemplars = Exemplars(self.buffer_size, remainder=True)
         self.teacher: nn.Module | None = None
         self.lam = 0.0
         self.gammas: list[float] = []  # γ of each alignment (tasks 2, 3, ...)
 
     def memory(self, scenario: Any) -> Memory:
-        return exemplar_memory(scenario, self.buffer_size)
+        return self.exemplars.memory(scenario)
 
     def begin_task(self, ctx: Any) -> None:
         head_of(ctx.model)
@@ -110,8 +103,7 @@ class WA(Method):
         self.lam = n_old / (n_old + n_new)
 
     def task_data(self, ctx: Any, data: TaskData) -> TaskData:
-        stored = exemplar_data(self.exemplars)
-        return data if stored is None else data.cat(stored)
+        return data.cat(self.exemplars.data()) if len(self.exemplars) else data
 
     def penalty(self, ctx: Any, batch: Batch, out: Tensor) -> Tensor | None:
         if self.teacher is None:
@@ -132,4 +124,4 @@ class WA(Method):
         if ctx.task > 0:
             self.gammas.append(align_weights(head_of(ctx.model), old_outputs(ctx.scenario, ctx.task),
                                              ctx.scenario.task_out[ctx.task]))
-        select_exemplars(ctx, self.exemplars, self.buffer_size, self.selection)
+        self.exemplars.select(ctx, self.selection)
