@@ -30,9 +30,9 @@ from retain.checkpoint import Checkpointer
 from retain.config import Run, RunConfig, resolve
 from retain.errors import ConfigError
 from retain.method import Method
-from retain.metrics import all_metrics
+from retain.metrics import all_metrics, anytime_metrics, old_new_accuracy, stability_gap
 from retain.scenarios import Scenario
-from retain.trainer import Progress, resolve_device, train
+from retain.trainer import Progress, Trained, resolve_device, train
 
 __all__ = ["Result", "Run", "RunConfig", "execute", "resolve", "run"]
 
@@ -57,6 +57,9 @@ class Result:
     memory: dict[str, int] | None = None  # the method's sample memory: {"rows", "bytes"} (Method.memory)
     model: dict[str, Any] | None = None  # what was trained: {"class", "parameters"} (the user's own model too)
     scenario: str | None = None  # the scenario that ran, in one line (tasks, classes, sizes, where the data came from)
+    # --eval-every: the anytime curve {"every", "test_sizes", "points": [{"samples", "task", "acc", "end"}], "eval_s"}
+    # and its stability gap per (switch, old task) (retain.metrics.stability_gap's pairs)
+    anytime: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         c, m = self.config, self.metrics
@@ -92,6 +95,17 @@ class Result:
         lines.append("")
         lines.append(f"ACC {100 * m['acc']:.2f}%   BWT {100 * m['bwt']:+.2f}   FWT {100 * m['fwt']:+.2f}   "
                      f"forgetting {100 * m['forgetting']:.2f}   learning acc {100 * m['learning_acc']:.2f}%")
+        if "old_acc" in m:  # class-IL
+            lines.append(f"old classes {100 * m['old_acc']:.2f}%   new classes {100 * m['new_acc']:.2f}%   "
+                         f"top-5 {100 * m.get('top5_acc', float('nan')):.2f}%   "
+                         f"avg incremental {100 * m['avg_incremental_acc']:.2f}%")
+        if self.anytime and "aaa" in m:
+            a = self.anytime
+            lines.append(f"anytime, every {a['every']} samples ({len(a['points'])} points): "
+                         f"AAA {100 * m['aaa']:.2f}%   A_AUC {100 * m['a_auc']:.2f}%   "
+                         f"stability gap {100 * m['stability_gap']:.2f}   "
+                         f"min-ACC {100 * m['min_acc']:.2f}%   evaluation {100 * m['anytime_eval_fraction']:.0f}% "
+                         "of the training time")
         if self.task_il_matrix:  # a class-IL run: its final model scored within each task (Mammoth's "Task-IL")
             lines.append(f"within each task's classes (task-IL of this class-IL model): "
                          f"{100 * np.mean(self.task_il_matrix[-1]):.2f}%")
@@ -164,7 +178,7 @@ def execute(run: Run, progress: Progress | None = None, checkpointer: Checkpoint
         config=run.spec(),
         accuracy_matrix=trained.accuracy_matrix,
         baseline=trained.baseline,
-        metrics=all_metrics(trained.accuracy_matrix, trained.baseline),
+        metrics=record_metrics(trained, scenario),
         timings=trained.timings,
         versions=versions(),
         warnings=warnings,
@@ -175,7 +189,31 @@ def execute(run: Run, progress: Progress | None = None, checkpointer: Checkpoint
         memory=run.method.memory(scenario).to_dict(),  # the samples it keeps, in the method's own words
         model={"class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters())},
         scenario=repr(scenario),
+        anytime=anytime_record(trained),
     )
+
+
+def record_metrics(trained: Trained, scenario: Scenario) -> dict[str, float]:
+    """The record's metrics: those of R and b; in class-IL the final old/new-class and top-5 accuracy; with an
+    anytime curve its AAA, A_AUC, stability gap, min-ACC and WC-ACC."""
+    m = all_metrics(trained.accuracy_matrix, trained.baseline)
+    sizes = [len(task.test_idx) for task in scenario.tasks]
+    if scenario.mode == "class":
+        m.update(old_new_accuracy(trained.accuracy_matrix, sizes))
+        if trained.top5:
+            m["top5_acc"] = float(np.mean(trained.top5))
+    if trained.anytime is not None and trained.anytime["points"]:
+        m.update(anytime_metrics(trained.anytime["points"], trained.anytime["test_sizes"]))
+        if trained.timings.get("train_s"):
+            m["anytime_eval_fraction"] = trained.anytime["eval_s"] / trained.timings["train_s"]
+    return m
+
+
+def anytime_record(trained: Trained) -> dict[str, Any] | None:
+    if trained.anytime is None:
+        return None
+    pairs = stability_gap(trained.anytime["points"])["pairs"] if trained.anytime["points"] else []
+    return {**trained.anytime, "stability_gap": pairs}
 
 
 def _data_parallel(run: Run, progress: Progress | None, checkpointer: Checkpointer | None,

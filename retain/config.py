@@ -138,6 +138,10 @@ class RunConfig:
     channels_last: bool = option(False, "images in channels-last memory layout (faster convolutions on GPUs)",
                                  hash="never")
     compile: bool = option(False, "torch.compile the model (first steps slower while it compiles)", hash="never")
+    eval_every: int | None = option(None, "anytime evaluation: every task's test set after each further N training "
+                                    "samples, kept as the record's anytime curve (AAA, A_AUC, stability gap; "
+                                    "default: at task ends only)", check=_at_least(1), hash="unless-default",
+                                    metavar="N")
     eval_batch_size: int = option(1000, "rows per evaluation batch (default 1000)", check=_at_least(1),
                                   hash="never", metavar="N")
     devices: int = option(1, "data-parallel processes on torch.distributed (gloo on the CPU, NCCL on CUDA); the "
@@ -516,7 +520,7 @@ class Run:
                            all_outputs=c.all_outputs, device=c.device, task_free=c.task_free, blurry=c.blurry,
                            evaluate_val=c.val_fraction > 0, augment=c.augment or "none", precision=c.precision,
                            channels_last=c.channels_last, compile=c.compile, eval_batch_size=c.eval_batch_size,
-                           devices=c.devices)
+                           devices=c.devices, eval_every=c.eval_every)
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> Run:

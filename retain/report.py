@@ -233,6 +233,40 @@ def _task_curves(groups: dict[tuple[str, str], list[dict[str, Any]]]) -> bytes:
     return _png(fig)
 
 
+def _anytime_curves(groups: dict[tuple[str, str], list[dict[str, Any]]]) -> bytes:
+    """The anytime curve of each variant (one panel per mode): the mean accuracy over the tasks seen so far against
+    the training samples, mean over the variant's runs where they share their evaluation points; the task ends
+    (the rows of R) marked, the switches drawn as dotted lines."""
+    plt = _plt()
+    modes = sorted({k[0] for k in groups})
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.2 * len(modes), 3.4), squeeze=False, layout="constrained")
+    colours = _colours([str(groups[k][0]["config"].get("method")) for k in groups])
+    for ax, mode in zip(axes.flat, modes):
+        for key in [k for k in groups if k[0] == mode]:
+            runs = [r["anytime"]["points"] for r in groups[key] if (r.get("anytime") or {}).get("points")]
+            if not runs:
+                continue
+            grid = [[(p["samples"], p["end"]) for p in pts] for pts in runs]
+            runs = runs if all(g == grid[0] for g in grid) else runs[:1]
+            xs = [p["samples"] for p in runs[0]]
+            ys = np.mean([[100 * np.mean(p["acc"][:p["task"] + 1]) for p in pts] for pts in runs], 0)
+            colour = colours[str(groups[key][0]["config"].get("method"))]
+            ax.plot(xs, ys, lw=1.2, color=colour, label=textwrap.shorten(key[1], 40))
+            ends = [i for i, p in enumerate(runs[0]) if p["end"]]
+            ax.plot([xs[i] for i in ends], [ys[i] for i in ends], "o", ms=3, color=colour)
+            for i in ends[:-1]:
+                ax.axvline(xs[i], color="grey", lw=0.5, ls=":")
+        ax.set_title(f"{mode}-IL", fontsize=8, loc="left")
+        ax.set_xlabel("training samples", fontsize=7)
+        ax.set_ylabel("accuracy on the tasks seen so far %", fontsize=7)
+        ax.set_ylim(-2, 102)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, frameon=False)
+    fig.suptitle("Anytime accuracy (dots: task ends)", fontsize=10)
+    return _png(fig)
+
+
 def heatmap(R: list[list[float]], title: str) -> bytes:
     plt = _plt()
     A = np.asarray(R, dtype=float) * 100
@@ -394,6 +428,26 @@ def _experiment_blocks(name: str, records: list[dict[str, Any]], slug: str) -> l
                           100 * stats[k]["acc"][1])),
         xlabel, "Accuracy vs memory"), f"accuracy vs memory, {name}"))
     blocks.append(("row", costs))
+    timed = {k: [r for r in groups[k] if (r.get("anytime") or {}).get("points")] for k in keys}
+    if any(timed.values()):
+        rows = []
+        for k in keys:
+            if timed[k]:
+                st = {m: _stats([(r.get("metrics") or {}).get(m, math.nan) for r in timed[k]])
+                      for m in ("aaa", "a_auc", "stability_gap", "min_acc", "wc_acc", "anytime_eval_fraction")}
+                rows.append([k[0], k[1], str(len(timed[k])), str(timed[k][0]["anytime"]["every"])]
+                            + [f"{100 * st[m][0]:.2f}" if math.isfinite(st[m][0]) else "—"
+                               for m in ("aaa", "a_auc", "stability_gap", "min_acc", "wc_acc")]
+                            + [f"{100 * st['anytime_eval_fraction'][0]:.0f}%"])
+        blocks.append(("h", 3, "Anytime evaluation"))
+        blocks.append(("p", "AAA: mean over the evaluation points of the accuracy on the tasks seen so far (Caccia et "
+                            "al. 2022); A_AUC: area under accuracy versus samples per sample (Koh et al. 2022); "
+                            "stability gap: mean drop of an old task's accuracy right after a switch (De Lange et al. "
+                            "2023); min-ACC and WC-ACC as De Lange et al. define them. Percent points."))
+        blocks.append(("table", ["mode", "variant", "runs", "every", "AAA %", "A_AUC %", "gap", "min-ACC %",
+                                 "WC-ACC %", "eval cost"], rows))
+        blocks.append(("img", f"{slug}-anytime.png", _anytime_curves({k: v for k, v in timed.items() if v}),
+                       f"anytime accuracy, {name}"))
     curves = [("p", "Each line is one task's test accuracy after training each task in turn (mean over seeds)."),
               ("img", f"{slug}-tasks.png", _task_curves(groups), f"per-task accuracy over the sequence, {name}")]
     blocks.append(("details", f"Accuracy of each task over the sequence ({len(keys)} variant(s))", len(keys) <= 6,

@@ -85,6 +85,7 @@ class TrainConfig:
     channels_last: bool = False  # image models and batches in channels-last memory layout
     compile: bool = False  # torch.compile the model
     devices: int = 1  # data-parallel processes (retain.distributed)
+    eval_every: int | None = None  # anytime evaluation: every task's test set every N incoming training samples
 
 
 def resolve_device(name: str) -> torch.device:
@@ -103,13 +104,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(ctx: Context, scenario: Scenario, split: str = "test", within_task: list[float] | None = None
-             ) -> list[float]:
+def evaluate(ctx: Context, scenario: Scenario, split: str = "test", within_task: list[float] | None = None,
+             top5: list[float] | None = None) -> list[float]:
     """Accuracy on every task's ``split`` set (evaluation mask: task-IL its head, class-IL all classes).
 
     ``within_task`` (a list to fill; class-IL): the same model's accuracy when each task's rows are scored among
     that task's own classes only, from the same forward pass; what Mammoth reports as "Task-IL" for a class-IL run
-    (the DER table's second number), as opposed to a task-IL run, which also trains per task."""
+    (the DER table's second number), as opposed to a task-IL run, which also trains per task. ``top5`` (a list to
+    fill): the share of each task's rows whose class is among the five highest scores (of the evaluation mask's)."""
     modes = [(m, m.training) for m in ctx.model.modules()]  # restored per module: a method may keep some in eval
     ctx.model.eval()
     accs = []
@@ -118,20 +120,28 @@ def evaluate(ctx: Context, scenario: Scenario, split: str = "test", within_task:
         idx = getattr(scenario.tasks[j], f"{split}_idx")
         if len(idx) == 0:
             accs.append(float("nan"))
-            if within_task is not None:
-                within_task.append(float("nan"))
+            for extra in (within_task, top5):
+                if extra is not None:
+                    extra.append(float("nan"))
             continue
         correct = torch.zeros((), dtype=torch.long, device=ctx.device)
         among = torch.zeros((), dtype=torch.long, device=ctx.device)
+        in_top5 = torch.zeros((), dtype=torch.long, device=ctx.device)
         for start in range(0, len(idx), bs):
             b = scenario.batch(idx[start:start + bs], j, split)
             out = ctx.forward(b.x, b.t)
-            correct += (masked(out, scenario.mask(j)).argmax(1) == b.y).sum()
+            scores = masked(out, scenario.mask(j))
+            correct += (scores.argmax(1) == b.y).sum()
             if within_task is not None:
                 among += (masked(out, scenario.task_out[j]).argmax(1) == b.y).sum()
+            if top5 is not None:
+                k = min(5, scores.shape[1])
+                in_top5 += (scores.topk(k, dim=1).indices == b.y[:, None]).any(1).sum()
         accs.append(int(correct) / len(idx))
         if within_task is not None:
             within_task.append(int(among) / len(idx))
+        if top5 is not None:
+            top5.append(int(in_top5) / len(idx))
     for m, training in modes:
         m.training = training
     return accs
@@ -147,6 +157,8 @@ class Trained:
     warnings: list[str]
     val_matrix: list[list[float]] | None = None
     task_il_matrix: list[list[float]] | None = None  # class-IL: R with each task scored among its own classes
+    top5: list[float] | None = None  # class-IL: the final model's top-5 accuracy on each task
+    anytime: dict[str, Any] | None = None  # --eval-every: {"every", "test_sizes", "points", "eval_s"}
 
 
 Progress = Callable[[int, int, int, float], None]  # (task, step within task, steps in task, loss)
@@ -335,6 +347,10 @@ class Trainer:
         self.task, self.task_step = 0, 0
         self.data: TaskData | None = None
         self.carry: dict[str, dict] | None = None
+        self.top5: list[float] | None = [] if scenario.mode == "class" else None  # of the latest row
+        # anytime evaluation (--eval-every): the samples the method has been given, the curve, its next point
+        self.samples, self.next_eval, self.anytime_s = 0, config.eval_every, 0.0
+        self.curve: list[dict[str, Any]] | None = [] if config.eval_every else None
         self.clock, self.losses, self.drawn = Clock(self.device), Losses(self.device), 0.0
 
     def run(self) -> Trained:
@@ -354,7 +370,13 @@ class Trainer:
             if not isinstance(e, TrainingError):
                 self.losses.read()  # a loss that went non-finite before the failure is its cause
             raise
-        return Trained(self.R, self.baseline, dict(self.clock.seconds), list(self.ctx.warnings), self.V, self.R_task)
+        anytime = None
+        if self.curve is not None:
+            sizes = [len(task.test_idx) for task in self.scenario.tasks]
+            anytime = {"every": self.config.eval_every, "test_sizes": sizes, "points": self.curve,
+                       "eval_s": self.anytime_s}
+        return Trained(self.R, self.baseline, dict(self.clock.seconds), list(self.ctx.warnings), self.V, self.R_task,
+                       self.top5, anytime)
 
     def train_tasks(self) -> None:
         """Each task in turn: begin it (unless resumed inside it), its steps, ``end_task``, a row of R, and a
@@ -370,6 +392,7 @@ class Trainer:
                 n_steps = c.iterations or c.epochs * math.ceil(len(self.data) / c.batch_size)
                 for batch in ctx.batches(self.data, start=self.task_step):
                     self.step(batch, n_steps)
+                    self.maybe_evaluate(ends_task=self.task_step >= n_steps)
                     self.maybe_checkpoint()
                 self.report(n_steps, final=True)
                 self.method.end_task(ctx)
@@ -399,6 +422,7 @@ class Trainer:
                 if self.scenario.mode == "class":
                     ctx.seen |= self.scenario.task_out[t].any(0)
                 self.step(batch, len(stream))
+                self.maybe_evaluate(ends_task=rows < done)
                 while rows < done:
                     self.evaluate_row(rows)
                     rows += 1
@@ -427,6 +451,7 @@ class Trainer:
         """One step of the method; its loss stays on the device until a read (a full block, a progress draw)."""
         loss = self.method.observe(self.ctx, batch)
         self.ctx.step += 1
+        self.samples += len(batch)
         if self.losses.add(loss, (self.ctx.task, self.task_step, self.ctx.step)):
             self.losses.read()
         self.task_step += 1
@@ -443,22 +468,44 @@ class Trainer:
             self.drawn = now
 
     def evaluate_row(self, i: int) -> None:
-        """Row ``i`` of R (and of the validation matrix): every task's accuracy now that task ``i`` is trained."""
+        """Row ``i`` of R (and of the validation matrix): every task's accuracy now that task ``i`` is trained; with
+        anytime evaluation the row is also the curve's point at the task's end."""
         self.losses.read()
         with self.clock("eval_s"):
-            self.R[i] = self.evaluate(within_task=self.R_task[i] if self.R_task is not None else None)
+            self.R[i] = self.evaluate(within_task=self.R_task[i] if self.R_task is not None else None,
+                                      top5=self.top5)
             if self.V is not None:
                 self.V[i] = self.evaluate("val")
+        if self.curve is not None:
+            self.curve.append({"samples": self.samples, "task": i, "acc": list(self.R[i]), "end": True})
 
-    def evaluate(self, split: str = "test", within_task: list[float] | None = None) -> list[float]:
+    def maybe_evaluate(self, ends_task: bool) -> None:
+        """Anytime evaluation: a point of the curve each time another ``eval_every`` samples have been trained on
+        (none at a task's last step: the task's end, right after, gives that point as a row of R)."""
+        every = self.config.eval_every
+        if self.curve is None or self.samples < self.next_eval:
+            return
+        while self.next_eval <= self.samples:
+            self.next_eval += every
+        if ends_task:
+            return
+        t0 = time.perf_counter()
+        with self.clock("eval_s"):
+            acc = self.evaluate()
+        self.anytime_s += time.perf_counter() - t0
+        self.curve.append({"samples": self.samples, "task": self.task, "acc": acc, "end": False})
+
+    def evaluate(self, split: str = "test", within_task: list[float] | None = None,
+                 top5: list[float] | None = None) -> list[float]:
         """Every task's accuracy on ``split``; data-parallel, with rank 0's BatchNorm statistics everywhere."""
         if self.ctx.world is not None:
             from retain import distributed
 
             distributed.broadcast_buffers(self.ctx.model, self.ctx.world)
-        if within_task is not None:
-            within_task.clear()
-        return evaluate(self.ctx, self.scenario, split, within_task)
+        for extra in (within_task, top5):
+            if extra is not None:
+                extra.clear()
+        return evaluate(self.ctx, self.scenario, split, within_task, top5)
 
     def check_learned(self, task: int) -> None:
         """Warn when the task just trained is no better than a constant guess: a run can collapse (dead units,
@@ -503,7 +550,8 @@ class Trainer:
                 "optimizer": ctx.optimizer.state_dict() if inside and ctx.optimizer is not None else None,
                 "optimizer_carry": None if inside or self.config.reset_optimizer else self.carried(),
                 "seen": ctx.seen, "data": self.data, "rng": _rng_state(ctx.rng), "R": self.R, "V": self.V,
-                "R_task": self.R_task,
+                "R_task": self.R_task, "top5": self.top5,
+                "anytime": {"samples": self.samples, "next": self.next_eval, "curve": self.curve, "s": self.anytime_s},
                 "baseline": self.baseline, "timings": dict(self.clock.seconds), "warnings": list(ctx.warnings)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -523,6 +571,12 @@ class Trainer:
             self.V = state["V"]
         if self.R_task is not None and state.get("R_task") is not None:
             self.R_task = state["R_task"]
+        if self.top5 is not None and state.get("top5") is not None:
+            self.top5 = state["top5"]
+        anytime = state.get("anytime") or {}
+        self.samples = anytime.get("samples", 0)
+        if self.curve is not None and anytime.get("curve") is not None:  # a run that recorded its curve before
+            self.curve, self.next_eval, self.anytime_s = anytime["curve"], anytime["next"], anytime["s"]
         self.data, self.carry, ctx.optimizer = state["data"], state["optimizer_carry"], None
         if state["optimizer"] is not None:
             ctx.optimizer = ctx.make_optimizer()
