@@ -153,7 +153,16 @@ class RunConfig:
     val_fraction: float = option(0.0, "hold out this share of each task's training data as a validation split",
                                  check=_unit_interval)
     task_free: bool = option(False, "one stream of batches, no task boundaries (one pass over the data)")
+    online: bool = option(False, "single-pass online learning: one pass in small batches (default 10); the task "
+                          "boundaries are hidden (a task-free stream) unless the method needs them",
+                          hash="unless-default", neutral=(False,))
     blurry: float = option(0.0, "task-free: blur width of task transitions in [0, 1)", check=_unit_interval)
+    si_blurry: list[int] | None = option(
+        None, "Si-Blurry (Moon et al. 2023): N percent of the classes disjoint, M percent of the blurry classes' "
+        "rows moved to "
+        "other tasks, tasks of random sizes, drawn from the seed (class-IL split benchmarks), e.g. 50,10",
+        check=lambda v: None if len(v) == 2 and all(0 <= x <= 100 for x in v) else
+        f"must be two percentages N,M in 0..100, e.g. 50,10, got {list(v)}", hash="unless-default", metavar="N,M")
     task_order: list[int] | None = option(None, "permutation of the tasks, e.g. 4,3,2,1,0", metavar="ORDER")
     class_order: list[int] | None = option(None, "order of the classes before they are cut into tasks",
                                            metavar="ORDER")
@@ -497,6 +506,10 @@ class Run:
             from retain.scenarios import per_class
 
             sc = per_class(sc, self.config.train_per_class, self.config.test_per_class)
+        if self.config.si_blurry is not None:
+            from retain.scenarios import si_blurry
+
+            sc = si_blurry(sc, *self.config.si_blurry, seed=self.config.seed)
         return sc
 
     def build_model(self, scenario: Any) -> Any:
@@ -582,12 +595,22 @@ def resolve(config: RunConfig | dict[str, Any] | None = None, *, scenario: Any =
         for k, v in training_preset(cls, f"{c.benchmark}/{c.mode}").items():
             if getattr(c, k) is None:
                 setattr(c, k, coerce(k, v))
+    if c.online:  # one pass in small batches (Aljundi et al. 2019, Mai et al. 2022: 10), whatever the benchmark's
+        c.epochs, c.iterations = 1, None
+        c.batch_size = 10 if c.batch_size is None else c.batch_size
     _fill_training(c, defaults)
     if method is None:
         method = create(c.method, c.params, preset=f"{c.benchmark}/{c.mode}")
     else:
         c.method = method.name
     c.params = dict(method.params())
+    if c.online and not c.task_free:  # boundaries hidden unless the method needs them
+        if method.needs_boundaries and c.blurry:
+            raise ConfigError(f"--online --blurry: {method.name} needs task boundaries, which a blurred stream does "
+                              "not have; drop --blurry or pick a method that works without boundaries")
+        c.task_free = not method.needs_boundaries
+    if c.si_blurry is not None and c.mode != "class":
+        raise ConfigError(f"--si-blurry is a class-incremental stream; use --mode class (not {c.mode})")
     check_pairing(method, c.mode, c.task_free, c.all_outputs)
     _check_step(method, c)
     if c.devices > 1 or os.environ.get("WORLD_SIZE"):
@@ -613,8 +636,10 @@ def _check_step(method: Any, c: RunConfig) -> None:
 
 def _check_effect(c: RunConfig) -> None:
     """Refuse an option the user set that would have no effect in this run (it would be silently ignored)."""
-    if c.blurry and not c.task_free:
+    if c.blurry and not (c.task_free or c.online):
         raise ConfigError("--blurry blurs the task boundaries of a task-free stream; add --task-free or drop it")
+    if c.online and (c.iterations is not None or c.epochs not in (None, 1)):
+        raise ConfigError("--online makes a single pass over the stream: drop --epochs / --iterations")
     if c.task_free and c.iterations is not None:
         raise ConfigError("a task-free stream has no per-task step budget: --iterations does not apply; use --epochs "
                           "N for N passes over each task's data as it streams by, or drop --task-free")
@@ -661,5 +686,7 @@ def _check_shape(c: RunConfig, dataset: str | None, kind: str | None) -> None:
                           f"domain, or core50-nc for new classes, not --mode {c.mode}")
     elif c.class_order is not None and kind is not None and kind != "split":
         raise ConfigError(f"--class-order is for split benchmarks; {c.benchmark} is {kind}")
+    if c.si_blurry is not None and kind is not None and kind != "split":
+        raise ConfigError(f"--si-blurry re-deals the classes of a split benchmark; {c.benchmark} is {kind}")
     if c.task_order is not None and sorted(c.task_order) != list(range(c.n_tasks)):
         raise ConfigError(f"task_order must be a permutation of 0..{c.n_tasks - 1}, got {list(c.task_order)}")

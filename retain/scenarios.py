@@ -482,6 +482,97 @@ def from_dataset(train: torch.utils.data.Dataset, test: torch.utils.data.Dataset
     return from_tensors(x_train, y_train, x_test, y_test, mode=mode, name=name, **split_kwargs)
 
 
+def si_blurry(sc: Scenario, disjoint: int = 50, blurred: int = 10, seed: int = 0) -> Scenario:
+    """Si-Blurry (Moon et al., ICCV 2023): ``sc``'s classes and training rows re-dealt into its number of tasks as a
+    stochastic incremental blurry stream, as the authors' ``OnlineSampler`` with ``rnd_NM`` draws it.
+
+    ``disjoint`` % of the classes (chosen at random) are *disjoint*: their rows appear in one task only; the others
+    are *blurry*. Each group is cut into the tasks at random points, so the number of classes per task varies.
+    ``blurred`` % of all blurry-class rows leave their class's task: a random number of them from each task (random
+    cut points over the total), pooled, shuffled and dealt back in the same numbers, so a task holds rows of
+    classes that belong to other tasks, and classes are imbalanced within and across tasks. Each task's test set is
+    its own classes' test rows; in class-IL every class keeps one output, in the order the tasks introduce them.
+
+    Deviations, each for a reason: a draw that leaves a task without any class of its own is drawn again (its test
+    column in R would be empty); every class is kept (the authors round the class counts down to multiples of the
+    number of tasks, which drops classes); the rows that leave a task are a random draw (the authors take the first
+    in the dataset's order, random on their shuffled datasets, sorted by class on others).
+    """
+    if sc.mode != "class":
+        raise ConfigError(f"Si-Blurry is a class-incremental stream; use --mode class (got {sc.mode}-IL)")
+    if sc.transform is not None:
+        raise ConfigError("Si-Blurry re-deals classes; a permuted or rotated benchmark has the same classes in "
+                          "every task: use a split benchmark")
+    if not (0 <= disjoint <= 100 and 0 <= blurred <= 100):
+        raise ConfigError(f"--si-blurry N,M takes two percentages in 0..100, got {disjoint},{blurred}")
+    T = sc.n_tasks
+    classes = [c for t in sc.tasks for c in t.classes]
+    if len(classes) < T:
+        raise ConfigError(f"Si-Blurry needs at least one class per task: {len(classes)} classes, {T} tasks")
+    g = torch.Generator().manual_seed(seed)
+    order = [classes[i] for i in torch.randperm(len(classes), generator=g).tolist()]
+    n_dis = len(classes) * disjoint // 100
+    dis, blur = order[:n_dis], order[n_dis:]
+
+    def cut(items: list[int]) -> list[list[int]]:
+        if not items:
+            return [[] for _ in range(T)]
+        at = [0] + sorted(torch.randint(0, len(items), (T - 1,), generator=g).tolist()) + [len(items)]
+        return [items[a:b] for a, b in zip(at, at[1:])]
+
+    for _ in range(1000):
+        dis_t, blur_t = cut(dis), cut(blur)
+        if all(d or b for d, b in zip(dis_t, blur_t)):
+            break
+    else:
+        raise ConfigError(f"Si-Blurry could not give each of the {T} tasks a class of its own from {len(classes)} "
+                          "classes; use fewer tasks")
+    train_all = torch.cat([t.train_idx for t in sc.tasks])
+    test_all = torch.cat([t.test_idx for t in sc.tasks]) if sc.y_test is not None else None
+    y_all = sc.y_train[train_all.to(sc.y_train.device)].to(train_all.device)
+
+    def rows(cs: list[int]) -> Tensor:
+        r = train_all[torch.isin(y_all, torch.tensor(cs, dtype=y_all.dtype, device=y_all.device))]
+        return r[torch.randperm(len(r), generator=g).to(r.device)]
+
+    dis_rows = [rows(cs) for cs in dis_t]
+    blur_rows = [rows(cs) for cs in blur_t]
+    total = sum(len(r) for r in blur_rows) * blurred // 100
+    moved = [0] * T
+    if total > 0:
+        at = [0] + sorted(torch.randint(0, total, (T - 1,), generator=g).tolist()) + [total]
+        moved = [b - a for a, b in zip(at, at[1:])]
+    pool = []
+    for i in range(T):
+        pool.append(blur_rows[i][:moved[i]])
+        blur_rows[i] = blur_rows[i][moved[i]:]
+    pool_t = torch.cat(pool) if pool else train_all[:0]
+    pool_t = pool_t[torch.randperm(len(pool_t), generator=g).to(pool_t.device)]
+    start = 0
+    for i in range(T):
+        blur_rows[i] = torch.cat([blur_rows[i], pool_t[start:start + moved[i]]])
+        start += moved[i]
+    new_order = [c for i in range(T) for c in dis_t[i] + blur_t[i]]
+    n_classes = int(sc.label_map.shape[1])
+    label_map = torch.full((T, n_classes), -1, dtype=torch.long)
+    label_map[:, torch.tensor(new_order)] = torch.arange(len(new_order))
+    task_out = torch.zeros(T, len(new_order), dtype=torch.bool)
+    tasks = []
+    for i in range(T):
+        own = dis_t[i] + blur_t[i]
+        tr = torch.cat([dis_rows[i], blur_rows[i]]).sort().values
+        present = torch.unique(sc.y_train[tr.to(sc.y_train.device)]).cpu()
+        task_out[i, label_map[i, present]] = True
+        te = (test_all[torch.isin(sc.y_test[test_all.to(sc.y_test.device)].cpu(), torch.tensor(own))
+                       .to(test_all.device)].sort().values if test_all is not None else train_all[:0])
+        tasks.append(Task(own, tr, te, train_all[:0]))
+    info = {**sc.info, "class_order": new_order,
+            "si_blurry": {"disjoint": disjoint, "blurred": blurred, "seed": seed, "disjoint_classes": dis_t,
+                          "blurry_classes": blur_t, "blurred_rows": total}}
+    return replace(sc, name=f"si-blurry-{sc.name}", tasks=tasks, label_map=label_map.to(sc.label_map.device),
+                   task_out=task_out.to(sc.task_out.device), info=info)
+
+
 def per_class(sc: Scenario, train: int | None = None, test: int | None = None) -> Scenario:
     """``sc`` keeping only the first ``train`` training rows and ``test`` test rows of each class in each task (in
     the data's own order, e.g. sorted file names; validation rows are kept as split): a reduced protocol that

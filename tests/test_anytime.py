@@ -69,7 +69,7 @@ def test_without_eval_every_there_is_no_curve_and_the_hash_is_unchanged():
     assert hashed(resolve(method="finetune", eval_every=50, **FAST).spec())["eval_every"] == 50
 
 
-@pytest.mark.parametrize("extra", [{"epochs": 2}, {"task_free": True}])
+@pytest.mark.parametrize("extra", [{"epochs": 2}, {"task_free": True}, {"online": True, "si_blurry": [50, 10]}])
 def test_resume_mid_stream_gives_the_identical_curve(tmp_path, extra):
     torch.set_num_threads(1)
     rec = Recording(tmp_path / "run.ckpt", every=5)
