@@ -114,8 +114,12 @@ class GSS(Method):
         """Algorithm 2 over the rows in stream order: fill, then score-driven replacement."""
         if len(y) == 0:
             return
+        c = torch.full((len(y),), 0.1) if len(self.buffer) == 0 else self.scores(ctx, x, y, t).detach().cpu()
+        self.insert(ctx, x, y, t, c)
+
+    def insert(self, ctx: Any, x: Tensor, y: Tensor, t: Tensor, c: Tensor) -> None:
+        """Offer rows with scores ``c`` (in [0, 2]): stored while there is room, then Algorithm 2's replacement."""
         b = self.buffer
-        c = torch.full((len(y),), 0.1) if len(b) == 0 else self.scores(ctx, x, y, t).detach().cpu()
         room = max(0, self.buffer_size - len(b))
         if room:  # the memory is not full: store outright, in order (the buffer's first slots fill in order)
             k = min(room, len(y))
