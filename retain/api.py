@@ -60,6 +60,8 @@ class Result:
     # --eval-every: the anytime curve {"every", "test_sizes", "points": [{"samples", "task", "acc", "end"}], "eval_s"}
     # and its stability gap per (switch, old task) (retain.metrics.stability_gap's pairs)
     anytime: dict[str, Any] | None = None
+    # --count-flops: {"train_flops", "steps", "flops_per_step", "step_flops", "boundary_flops", "counter"}
+    compute: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         c, m = self.config, self.metrics
@@ -190,6 +192,7 @@ def execute(run: Run, progress: Progress | None = None, checkpointer: Checkpoint
         model={"class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters())},
         scenario=repr(scenario),
         anytime=anytime_record(trained),
+        compute=trained.compute,
     )
 
 

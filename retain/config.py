@@ -142,6 +142,9 @@ class RunConfig:
                                     "samples, kept as the record's anytime curve (AAA, A_AUC, stability gap; "
                                     "default: at task ends only)", check=_at_least(1), hash="unless-default",
                                     metavar="N")
+    count_flops: bool = option(False, "count the training's floating-point operations (torch's FLOP counter, each "
+                               "step and each task boundary; the record's compute). Several times slower: time such "
+                               "runs separately", hash="unless-default", neutral=(False,))
     eval_batch_size: int = option(1000, "rows per evaluation batch (default 1000)", check=_at_least(1),
                                   hash="never", metavar="N")
     devices: int = option(1, "data-parallel processes on torch.distributed (gloo on the CPU, NCCL on CUDA); the "
@@ -533,7 +536,7 @@ class Run:
                            all_outputs=c.all_outputs, device=c.device, task_free=c.task_free, blurry=c.blurry,
                            evaluate_val=c.val_fraction > 0, augment=c.augment or "none", precision=c.precision,
                            channels_last=c.channels_last, compile=c.compile, eval_batch_size=c.eval_batch_size,
-                           devices=c.devices, eval_every=c.eval_every)
+                           devices=c.devices, eval_every=c.eval_every, count_flops=c.count_flops)
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> Run:
@@ -613,6 +616,9 @@ def resolve(config: RunConfig | dict[str, Any] | None = None, *, scenario: Any =
         raise ConfigError(f"--si-blurry is a class-incremental stream; use --mode class (not {c.mode})")
     check_pairing(method, c.mode, c.task_free, c.all_outputs)
     _check_step(method, c)
+    if c.count_flops and (c.devices > 1 or os.environ.get("WORLD_SIZE")):
+        raise ConfigError("--count-flops counts one process's operations; drop --devices (the FLOPs of a step do not "
+                          "depend on how many processes share it)")
     if c.devices > 1 or os.environ.get("WORLD_SIZE"):
         from retain import distributed
 

@@ -35,9 +35,10 @@ CLASSIC = ("finetune", "ewc", "er", "agem")  # the README's first comparison
 # show the method's own memory instead.
 METRICS = ("acc", "bwt", "fwt", "forgetting", "memory_rows", "memory_mb", "train_s")
 HIGHER_IS_BETTER = {"acc": True, "bwt": True, "fwt": True, "forgetting": False, "train_s": False,
-                    "peak_mb": False, "val_acc": True, "memory_rows": False, "memory_mb": False}
+                    "peak_mb": False, "val_acc": True, "memory_rows": False, "memory_mb": False, "gflops": False}
 LABELS = {"acc": "ACC %", "bwt": "BWT", "fwt": "FWT", "forgetting": "forgetting", "train_s": "train s",
-          "peak_mb": "peak MB", "val_acc": "val ACC %", "memory_rows": "memory rows", "memory_mb": "memory MB"}
+          "peak_mb": "peak MB", "val_acc": "val ACC %", "memory_rows": "memory rows", "memory_mb": "memory MB",
+          "gflops": "train GFLOPs"}
 PERCENT = ("acc", "bwt", "fwt", "forgetting", "val_acc")
 
 
@@ -242,6 +243,8 @@ def record_values(rec: dict[str, Any]) -> dict[str, float]:
     memory = rec.get("memory") or {}
     out["memory_rows"] = float(memory.get("rows", math.nan))
     out["memory_mb"] = memory.get("bytes", math.nan) / 2**20
+    compute = rec.get("compute") or {}
+    out["gflops"] = compute.get("train_flops", math.nan) / 1e9  # --count-flops runs
     if rec.get("val_matrix"):
         V = np.asarray(rec["val_matrix"], dtype=float)
         out["val_acc"] = float(np.nanmean(V[-1]))
@@ -373,8 +376,9 @@ def _benchmark_mode(base: Any) -> str:
 
 def compare_table(records: list[dict[str, Any]], interval: str = "std") -> str:
     """The comparison table, then each method's hyper-parameters as they ran (presets included)."""
-    rows = summarize(records, ("mode", "method"), interval=interval)
-    table = format_table(rows, ("mode", "method"), interval=interval, within="mode")
+    metrics = METRICS + (("gflops",) if any(r.get("compute") for r in records) else ())
+    rows = summarize(records, ("mode", "method"), metrics, interval=interval)
+    table = format_table(rows, ("mode", "method"), metrics, interval=interval, within="mode")
     params: dict[str, dict[str, Any]] = {}
     for rec in records:
         params.setdefault(rec["config"]["method"], rec["config"].get("params") or {})

@@ -422,6 +422,12 @@ def _experiment_blocks(name: str, records: list[dict[str, Any]], slug: str) -> l
         panels(lambda k: (label[k], method[k], stats[k]["train_s"][0], stats[k]["train_s"][1],
                           100 * stats[k]["acc"][0], 100 * stats[k]["acc"][1])),
         "training time (s)", "Accuracy vs training time"), f"accuracy vs training time, {name}")]
+    counted = {k: _stats([record_values(r).get("gflops", math.nan) for r in groups[k]]) for k in keys}
+    if any(math.isfinite(v[0]) for v in counted.values()):  # --count-flops runs
+        costs.append(("img", f"{slug}-acc-flops.png", scatter_by_mode(
+            panels(lambda k: (label[k], method[k], counted[k][0], counted[k][1], 100 * stats[k]["acc"][0],
+                              100 * stats[k]["acc"][1])),
+            "training GFLOPs (counted)", "Accuracy vs compute"), f"accuracy vs compute, {name}"))
     xlabel, mem = memory_axis(groups)
     costs.append(("img", f"{slug}-acc-memory.png", scatter_by_mode(
         panels(lambda k: (label[k], method[k], mem[k][0], mem[k][1], 100 * stats[k]["acc"][0],

@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS runs (
     task_il_matrix TEXT,            -- JSON: class-IL runs, each task scored within its own classes
     gpu_memory_mb REAL,
     anytime TEXT,                   -- JSON: --eval-every's curve (retain.api.Result.anytime)
+    compute TEXT,                   -- JSON: --count-flops's counted FLOPs (retain.api.Result.compute)
     error TEXT, error_task INTEGER, error_step INTEGER,
     host TEXT, pid INTEGER,
     created REAL NOT NULL, started REAL, finished REAL
@@ -60,10 +61,12 @@ CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
 """
 
 _JSON_COLUMNS = ("config", "accuracy_matrix", "baseline", "val_matrix", "metrics", "timings", "versions", "warnings",
-                 "memory", "model", "scenario", "task_il_matrix", "anytime")
+                 "memory", "model", "scenario", "task_il_matrix", "anytime",
+                 "compute")
 # Columns added after stores had been written: added to an older store when it is opened for writing.
 _ADDED_COLUMNS = {"memory": "TEXT", "model": "TEXT", "scenario": "TEXT", "task_il_matrix": "TEXT",
-                  "gpu_memory_mb": "REAL", "anytime": "TEXT"}
+                  "gpu_memory_mb": "REAL", "anytime": "TEXT",
+                  "compute": "TEXT"}
 
 
 class StoreError(RetainError):
@@ -243,14 +246,14 @@ class Store:
         row = (status, config.get("benchmark"), config.get("method"), config.get("mode"), config.get("seed"),
                json.dumps(_clean(config), sort_keys=True), j("accuracy_matrix"), j("baseline"), j("val_matrix"),
                j("metrics"), j("timings"), j("versions"), j("warnings"), result.get("peak_memory_mb"), j("memory"),
-               j("model"), j("scenario"), j("task_il_matrix"), result.get("gpu_memory_mb"), j("anytime"),
+               j("model"), j("scenario"), j("task_il_matrix"), result.get("gpu_memory_mb"), j("anytime"), j("compute"),
                *(error or (None, None, None)), socket.gethostname(), os.getpid(), now, now)
         with self._write(f"record run {hash_}") as db:
             db.execute(
                 "INSERT INTO runs(status, benchmark, method, mode, seed, config, accuracy_matrix, baseline, "
                 "val_matrix, metrics, timings, versions, warnings, peak_memory_mb, memory, model, scenario, "
-                "task_il_matrix, gpu_memory_mb, anytime, error, error_task, error_step, host, pid, created, finished, "
-                f"hash) VALUES ({', '.join('?' * 28)}) "
+                "task_il_matrix, gpu_memory_mb, anytime, compute, error, error_task, error_step, host, pid, created, "
+                f"finished, hash) VALUES ({', '.join('?' * 29)}) "
                 "ON CONFLICT(hash) DO UPDATE SET status=excluded.status, benchmark=excluded.benchmark, "
                 "method=excluded.method, mode=excluded.mode, seed=excluded.seed, config=excluded.config, "
                 "accuracy_matrix=excluded.accuracy_matrix, baseline=excluded.baseline, "
@@ -258,7 +261,7 @@ class Store:
                 "versions=excluded.versions, warnings=excluded.warnings, peak_memory_mb=excluded.peak_memory_mb, "
                 "memory=excluded.memory, model=excluded.model, scenario=excluded.scenario, "
                 "task_il_matrix=excluded.task_il_matrix, gpu_memory_mb=excluded.gpu_memory_mb, "
-                "anytime=excluded.anytime, "
+                "anytime=excluded.anytime, compute=excluded.compute, "
                 "error=excluded.error, error_task=excluded.error_task, error_step=excluded.error_step, "
                 "host=excluded.host, pid=excluded.pid, finished=excluded.finished",
                 (*row, hash_))

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from retain.checkpoint import Checkpointer, CheckpointError
 from retain.context import Context, masked
@@ -86,6 +88,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     devices: int = 1  # data-parallel processes (retain.distributed)
     eval_every: int | None = None  # anytime evaluation: every task's test set every N incoming training samples
+    count_flops: bool = False  # count the training's FLOPs (torch.utils.flop_counter; slows the run down)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -159,6 +162,7 @@ class Trained:
     task_il_matrix: list[list[float]] | None = None  # class-IL: R with each task scored among its own classes
     top5: list[float] | None = None  # class-IL: the final model's top-5 accuracy on each task
     anytime: dict[str, Any] | None = None  # --eval-every: {"every", "test_sizes", "points", "eval_s"}
+    compute: dict[str, Any] | None = None  # --count-flops: the counted FLOPs of the steps and the task boundaries
 
 
 Progress = Callable[[int, int, int, float], None]  # (task, step within task, steps in task, loss)
@@ -248,6 +252,54 @@ class Clock:
             yield
         finally:
             self.switch(previous)
+
+
+FLOP_COUNTER = ("torch.utils.flop_counter: matrix products, convolutions and attention, forward and backward, 2 "
+                "FLOPs per multiply-add; elementwise operations and the optimizer's update are not counted")
+
+
+class Flops:
+    """The training's floating-point operations, counted around each step and each task boundary (``begin_task``
+    with ``task_data``, ``end_task``: herding, retraining, finetuning ...); evaluation is not counted.
+
+    Each operation is counted by the formula torch's FLOP counter has for it (``torch.utils.flop_counter.
+    flop_registry``: the counts of ``FlopCounterMode``), from a dispatch mode that keeps only the total (FlopCounterMode
+    also tracks modules, which made a small MLP's step 12 times slower; this 3.5 times). A counted run is still slower:
+    its ``train_s`` says nothing about speed."""
+
+    def __init__(self) -> None:
+        self.steps, self.step_flops, self.boundary_flops = 0, 0, 0
+
+    @contextlib.contextmanager
+    def count(self, step: bool) -> Iterator[None]:
+        counter = _FlopCounter()
+        with counter:
+            yield
+        if step:
+            self.steps, self.step_flops = self.steps + 1, self.step_flops + counter.total
+        else:
+            self.boundary_flops += counter.total
+
+    def record(self) -> dict[str, Any]:
+        return {"train_flops": self.step_flops + self.boundary_flops, "steps": self.steps,
+                "flops_per_step": self.step_flops / self.steps if self.steps else 0.0,
+                "step_flops": self.step_flops, "boundary_flops": self.boundary_flops, "counter": FLOP_COUNTER}
+
+
+class _FlopCounter(TorchDispatchMode):
+    """The total of torch's FLOP formulas (``flop_registry``) over the operations run inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
 
 
 class Losses:
@@ -351,6 +403,7 @@ class Trainer:
         # anytime evaluation (--eval-every): the samples the method has been given, the curve, its next point
         self.samples, self.next_eval, self.anytime_s = 0, config.eval_every, 0.0
         self.curve: list[dict[str, Any]] | None = [] if config.eval_every else None
+        self.flops = Flops() if config.count_flops else None
         self.clock, self.losses, self.drawn = Clock(self.device), Losses(self.device), 0.0
 
     def run(self) -> Trained:
@@ -376,7 +429,11 @@ class Trainer:
             anytime = {"every": self.config.eval_every, "test_sizes": sizes, "points": self.curve,
                        "eval_s": self.anytime_s}
         return Trained(self.R, self.baseline, dict(self.clock.seconds), list(self.ctx.warnings), self.V, self.R_task,
-                       self.top5, anytime)
+                       self.top5, anytime, self.flops.record() if self.flops is not None else None)
+
+    def counted(self, step: bool) -> Any:
+        """Count the FLOPs of the block (``--count-flops``), as a step or as boundary work; else nothing."""
+        return self.flops.count(step) if self.flops is not None else contextlib.nullcontext()
 
     def train_tasks(self) -> None:
         """Each task in turn: begin it (unless resumed inside it), its steps, ``end_task``, a row of R, and a
@@ -388,14 +445,16 @@ class Trainer:
                 ctx.seen |= self.scenario.task_out[task]
             with self.clock("train_s"):
                 if self.data is None:
-                    self.begin_task(task)
+                    with self.counted(step=False):
+                        self.begin_task(task)
                 n_steps = c.iterations or c.epochs * math.ceil(len(self.data) / c.batch_size)
                 for batch in ctx.batches(self.data, start=self.task_step):
                     self.step(batch, n_steps)
                     self.maybe_evaluate(ends_task=self.task_step >= n_steps)
                     self.maybe_checkpoint()
                 self.report(n_steps, final=True)
-                self.method.end_task(ctx)
+                with self.counted(step=False):
+                    self.method.end_task(ctx)
             self.evaluate_row(task)
             self.check_learned(task)
             self.task, self.task_step, self.data = task + 1, 0, None
@@ -449,7 +508,8 @@ class Trainer:
 
     def step(self, batch: Batch, n_steps: int) -> None:
         """One step of the method; its loss stays on the device until a read (a full block, a progress draw)."""
-        loss = self.method.observe(self.ctx, batch)
+        with self.counted(step=True):
+            loss = self.method.observe(self.ctx, batch)
         self.ctx.step += 1
         self.samples += len(batch)
         if self.losses.add(loss, (self.ctx.task, self.task_step, self.ctx.step)):
@@ -552,6 +612,7 @@ class Trainer:
                 "seen": ctx.seen, "data": self.data, "rng": _rng_state(ctx.rng), "R": self.R, "V": self.V,
                 "R_task": self.R_task, "top5": self.top5,
                 "anytime": {"samples": self.samples, "next": self.next_eval, "curve": self.curve, "s": self.anytime_s},
+                "flops": self.flops,
                 "baseline": self.baseline, "timings": dict(self.clock.seconds), "warnings": list(ctx.warnings)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -573,6 +634,8 @@ class Trainer:
             self.R_task = state["R_task"]
         if self.top5 is not None and state.get("top5") is not None:
             self.top5 = state["top5"]
+        if self.flops is not None and state.get("flops") is not None:
+            self.flops = state["flops"]
         anytime = state.get("anytime") or {}
         self.samples = anytime.get("samples", 0)
         if self.curve is not None and anytime.get("curve") is not None:  # a run that recorded its curve before

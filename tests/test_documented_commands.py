@@ -31,9 +31,10 @@ How a command is made cheap and hermetic (``prepare()``); nothing else is change
 - budget: ``--iterations`` becomes 5 (added when no ``--epochs``/``--iterations``/``--config`` is given),
   ``--epochs`` becomes 1 (a ``--task-free`` or ``--online`` run makes one pass and takes neither), an MLP on
   MNIST-size data gets ``--hidden 100,100`` (evaluating every task's 10,000 test images after each task is most of
-  a 5-step run); on that data a ``retain run`` of the EWC family gets ``--param fisher_samples=500`` and a task-free
-  or online one ``--batch-size 1000`` (its one pass over 60,000 images in 60 steps); ``--seeds`` becomes 1 (added to
-  ``compare``), ``--random-orders`` 1, ``--n-tasks`` 2 on the 10-task permuted/rotated MNIST;
+  a 5-step run); on that data a ``retain run`` of the EWC family gets ``--param fisher_samples=500``, and a
+  task-free or online run or compare ``--batch-size 1000`` (its one pass over 60,000 images in 60 steps);
+  ``--seeds`` becomes 1 (added to ``compare``), ``--random-orders`` 1, ``--n-tasks`` 2 on the 10-task
+  permuted/rotated MNIST;
 - ``reproduce`` gets ``--quick``, with the protocol's quick settings cut to 5 steps, 1 seed and a 100-100 MLP
   (patched in-process on the protocol object; its rows are untouched);
 - a config or sweep file the command names is copied into the working directory and cut the same way
@@ -248,9 +249,9 @@ def prepare(cmd: DocCommand, workdir: Path, mnist: Path | None, monkeypatch) -> 
         if sub in ("run", "compare", "orders") and b is not None:
             if dataset not in SMALL_DATA and _get(argv, "--hidden") is None and _get(argv, "--arch") is None:
                 argv = _set(argv, "--hidden", "100,100")  # evaluating 10,000 test images per task dominates
+            if dataset not in SMALL_DATA and ("--task-free" in argv or "--online" in argv):
+                argv = _set(argv, "--batch-size", "1000")  # its one pass over 60,000 images in 60 steps
             if dataset not in SMALL_DATA and sub == "run":
-                if "--task-free" in argv or "--online" in argv:
-                    argv = _set(argv, "--batch-size", "1000")  # its one pass over 60,000 images in 60 steps
                 if _get(argv, "--method") in FISHER_METHODS and not any("fisher_samples" in a for a in argv):
                     argv += ["--param", "fisher_samples=500"]  # the Fisher over 500 samples, not 60,000
             if "--task-free" not in argv and "--online" not in argv:  # one pass over the data, no step count

@@ -27,7 +27,8 @@ from retain.config import Run, resolve
 from retain.errors import ConfigError, RetainError
 
 RESULT_KEYS = ("config", "accuracy_matrix", "baseline", "metrics", "timings", "versions", "warnings", "val_matrix",
-               "peak_memory_mb", "gpu_memory_mb", "memory", "model", "scenario", "task_il_matrix", "anytime")
+               "peak_memory_mb", "gpu_memory_mb", "memory", "model", "scenario", "task_il_matrix", "anytime",
+               "compute")
 
 
 class RunFailed(RetainError):

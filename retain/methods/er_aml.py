@@ -90,6 +90,12 @@ class ERAML(ERACE):
             return cosine_logits(h, ctx.model.head.weight, self.scale)
         return ctx.model.head(h)
 
+    def penalty(self, ctx: Any, batch: Batch, out: Tensor) -> Tensor | None:
+        try:
+            return super().penalty(ctx, batch, out)
+        finally:
+            self._hidden = None  # the replayed rows' forward cached theirs too: not needed after the step
+
     def incoming_loss(self, ctx: Any, out: Tensor, batch: Batch) -> Tensor:
         """The AML loss of the incoming rows (plain CE while the buffer is empty)."""
         cached, self._hidden = self._hidden, None

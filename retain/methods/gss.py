@@ -8,8 +8,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.func import functional_call, grad, vmap
 
 from retain.buffers import Buffer
+from retain.context import masked
 from retain.errors import ConfigError
 from retain.method import Memory, Method, param, register
 from retain.scenarios import Batch
@@ -83,27 +85,84 @@ class GSS(Method):
 
     # --------------------------------------------------------------------------------------------- selection
     def gradients(self, ctx: Any, x: Tensor, y: Tensor, t: Tensor) -> Tensor:
-        """``[rows, parameters]``: each row's loss gradient, flattened (model in eval mode)."""
-        params = [p for p in ctx.model.parameters() if p.requires_grad]
-        was = ctx.model.training
-        ctx.model.eval()
-        out = []
-        for i in range(len(y)):
-            row = Batch(x[i:i + 1], y[i:i + 1], t[i:i + 1])
-            loss = ctx.loss(ctx.forward(row.x, row.t), row)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            out.append(torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
-                                  for g, p in zip(grads, params)]))
-        ctx.model.train(was)
-        return torch.stack(out)
+        """``[rows, parameters]``: each row's loss gradient, flattened (model in eval mode); one vectorised call
+        (``torch.func``), or a loop over the rows for a model ``vmap`` cannot trace."""
+        model = ctx.model
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        was = model.training
+        model.eval()
+        try:
+            mask = ctx.mask(t if len(t) else 0)
+            mask = torch.ones(len(y), ctx.scenario.n_outputs, dtype=torch.bool, device=y.device) if mask is None \
+                else mask.expand(len(y), -1)
+
+            def row_loss(params: dict[str, Tensor], xi: Tensor, yi: Tensor, mi: Tensor) -> Tensor:
+                out = functional_call(model, params, (xi.unsqueeze(0),), strict=False)
+                return F.cross_entropy(masked(out, mi.unsqueeze(0)), yi.unsqueeze(0))
+
+            try:
+                g = vmap(grad(row_loss), in_dims=(None, 0, 0, 0))({n: p.detach() for n, p in named}, x, y, mask)
+                return torch.cat([g[n].flatten(1) for n, _ in named], 1)
+            except RuntimeError:  # an operation vmap does not support: one row at a time
+                rows = []
+                for i in range(len(y)):
+                    row = Batch(x[i:i + 1], y[i:i + 1], t[i:i + 1])
+                    loss = ctx.loss(ctx.forward(row.x, row.t), row)
+                    gi = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+                    rows.append(torch.cat([(a if a is not None else torch.zeros_like(p)).flatten()
+                                           for a, (_, p) in zip(gi, named)]))
+                return torch.stack(rows)
+        finally:
+            model.train(was)
+
+    def gram(self, ctx: Any, x: Tensor, y: Tensor, t: Tensor) -> Tensor | None:
+        """``[rows, rows]``: the inner products of the rows' loss gradients, without forming them, or None when the
+        model is not made of linear layers only.
+
+        A linear layer's weight gradient for row i is the outer product δ_i a_iᵀ (δ the gradient at its output, a its
+        input), so ⟨g_i, g_j⟩ = Σ_layers (δ_i·δ_j)(a_i·a_j + 1) (the 1: the bias). One forward and backward of the
+        summed per-row losses gives every δ and a. Exact when every trainable parameter is a linear layer's and the
+        rows do not interact (eval mode); otherwise None and :meth:`gradients` forms them."""
+        model = ctx.model
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        in_linear = {id(p) for m in linears for p in m.parameters()}
+        if not linears or any(p.requires_grad and id(p) not in in_linear for p in model.parameters()):
+            return None
+        seen: list[tuple[torch.nn.Linear, Tensor, Tensor]] = []
+        hooks = [m.register_forward_hook(lambda m, a, z: seen.append((m, a[0], z))) for m in linears]
+        was = model.training
+        model.eval()
+        try:
+            batch = Batch(x, y, t)
+            loss = ctx.loss(ctx.forward(x, t), batch, reduction="sum")  # row i's loss alone reaches δ_i
+        finally:
+            for h in hooks:
+                h.remove()
+            model.train(was)
+        if any(a.dim() != 2 for _, a, _ in seen):
+            return None
+        deltas = torch.autograd.grad(loss, [z for _, _, z in seen], allow_unused=True)
+        K = x.new_zeros(len(y), len(y))
+        for (m, a, _), d in zip(seen, deltas):
+            if d is None:
+                continue
+            inputs = a.detach() @ a.detach().T if m.weight.requires_grad else torch.zeros_like(K)
+            bias = 1.0 if m.bias is not None and m.bias.requires_grad else 0.0
+            K += (d @ d.T) * (inputs + bias)
+        return K
 
     def scores(self, ctx: Any, x: Tensor, y: Tensor, t: Tensor) -> Tensor:
         """c = max_j cos(g, G_j) + 1 for each row, G the gradients of ``n_compare`` random stored rows."""
         stored = self.buffer.sample(self.n_compare, ctx.rng)
-        G = self.gradients(ctx, stored.x, stored.y, stored.t)
-        g = self.gradients(ctx, x, y, t)
-        cos = F.cosine_similarity(g.unsqueeze(1), G.unsqueeze(0), dim=2)  # [rows, n_compare]
-        return cos.max(dim=1).values + 1
+        X, Y, T = torch.cat([x, stored.x.to(x.device)]), torch.cat([y, stored.y.to(y.device)]), \
+            torch.cat([t, stored.t.to(t.device)])
+        K = self.gram(ctx, X, Y, T)
+        if K is None:
+            g = self.gradients(ctx, X, Y, T)
+            K = g @ g.T
+        norm = K.diagonal().clamp_min(0).sqrt().clamp_min(1e-8)
+        cos = K / (norm[:, None] * norm[None, :])
+        return cos[: len(y), len(y):].max(dim=1).values + 1
 
     @torch.no_grad()
     def _store(self, slot: int, x: Tensor, y: Tensor, t: Tensor, score: float) -> None:

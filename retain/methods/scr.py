@@ -52,10 +52,11 @@ class SCR(Method):
     when ``flip``, and on RGB images colour jitter (0.4, 0.4, 0.4, 0.1; p = 0.8) and greyscale (p = 0.2), as
     kornia's pipeline there. The authors' code has no MNIST; for flat vectors of a square number of pixels (retain's
     MNIST, Fashion-MNIST, digits) the rows are viewed as one-channel square images, cropped (flipped when ``flip``)
-    and flattened again; no colour ops on one channel. ``flip`` is on by default (the authors' pipeline) and off in
-    the digit presets, where a mirrored digit is another shape (Fashion-MNIST keeps it: its classes are mirror
-    symmetric). The first view is the rows under the run's ``--augment`` (the rows themselves without one, the
-    authors' setting).
+    and flattened again; no colour ops on one channel. Inputs that are not images (tabular vectors) have no such
+    view: the second view is then the rows themselves, with a warning in the record. ``flip`` is on by default (the
+    authors' pipeline) and off in the digit presets, where a mirrored digit is another shape (Fashion-MNIST keeps
+    it: its classes are mirror symmetric). The first view is the rows under the run's ``--augment`` (the rows
+    themselves without one, the authors' setting).
 
     ``review`` (the papers' configs set ``review_trick: True``): at a task's end one pass over the buffer in
     shuffled batches of ``mem_batch`` (the last incomplete batch dropped), the same two-view SupCon loss, gradients
@@ -104,7 +105,7 @@ class SCR(Method):
         self.buffer = Buffer(self.buffer_size)
         self.projection: nn.Module | None = None  # built on first use, with the width of the model's features
         self._means: tuple[Tensor, Tensor] | None = None  # (classes, means) for the NCM, until the next step
-        self._view: Augment | None = None
+        self._view: Augment | bool | None = None  # the second view's pipeline (False: inputs are not images)
 
     def memory(self, scenario: Any) -> Memory:
         return Memory.of(self.buffer_size, scenario)
@@ -189,16 +190,20 @@ class SCR(Method):
         """SCR's augmented view of ``x`` (prepared rows), drawn from ``ctx.rng``."""
         if self._view is None:
             self._view = self.view_pipeline(ctx.scenario)
+        if self._view is False:
+            ctx.warn(f"scr: the inputs {list(ctx.scenario.input_shape)} are not images; its second view is the rows "
+                     "themselves")
+            return x
         shape = self._view.input_shape
         return self._view(x.reshape(len(x), *shape), ctx.rng).reshape(x.shape)
 
-    def view_pipeline(self, scenario: Any) -> Augment:
+    def view_pipeline(self, scenario: Any) -> Augment | bool:
+        """SCR's augmentation for the scenario's inputs; False when they are not images."""
         shape = tuple(int(s) for s in scenario.input_shape)
         if len(shape) == 1 and math.isqrt(shape[0]) ** 2 == shape[0]:
             shape = (1, math.isqrt(shape[0]), math.isqrt(shape[0]))  # flat square images: one channel
         if len(shape) != 3:
-            raise ConfigError(f"scr augments images [C, H, W] or flat square images; this scenario's inputs are "
-                              f"{list(scenario.input_shape)}")
+            return False
         crop = ResizedCrop(scale=(self.crop_scale, 1.0), flip=0.5 if self.flip else 0.0)
         colour = (Jitter(), Greyscale()) if shape[0] == 3 else ()
         return Augment("scr", crop, colour, scenario.mean, scenario.std, shape)
