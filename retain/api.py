@@ -170,13 +170,24 @@ def execute(run: Run, progress: Progress | None = None, checkpointer: Checkpoint
     cuda = torch.cuda.is_available() and resolve_device(run.config.device).type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    trained = train(scenario, run.method, model, run.train_config(), progress, checkpointer)
+    loggers = None
+    if run.config.log and (world is None or world.main):
+        from retain.loggers import Loggers
+        from retain.store import config_hash
+
+        loggers = Loggers(run.config.log, run.config.log_dir, run.spec(), config_hash(run.spec()))
+    try:
+        trained = train(scenario, run.method, model, run.train_config(), progress, checkpointer, loggers)
+    except BaseException:
+        if loggers is not None:
+            loggers.close()
+        raise
     warnings = list(trained.warnings)
     if scenario.info.get("unverified"):  # data files matching no published checksum (retain.data)
         warnings.append(scenario.info["unverified"])
     if world is not None and not world.main:
         return None
-    return Result(
+    result = Result(
         config=run.spec(),
         accuracy_matrix=trained.accuracy_matrix,
         baseline=trained.baseline,
@@ -194,6 +205,9 @@ def execute(run: Run, progress: Progress | None = None, checkpointer: Checkpoint
         anytime=anytime_record(trained),
         compute=trained.compute,
     )
+    if loggers is not None:
+        loggers.finish(result.to_dict())
+    return result
 
 
 def record_metrics(trained: Trained, scenario: Scenario) -> dict[str, float]:

@@ -42,6 +42,7 @@ MODES = ("task", "domain", "class")
 # retain's own models (retain.models.build_model) and on-device augmentation pipelines (retain.augment.PIPELINES)
 ARCHS = ("mlp", "resnet18", "resnet18-reduced", "resnet32")
 INITS = ("default", "xavier", "agem")  # retain.models.initialise
+LOGGERS = ("tensorboard", "mlflow", "wandb")  # retain.loggers
 AUGMENTS = ("none", "crop-flip", "crop-flip-jitter", "rrc-flip", "rrc-flip-jitter")
 
 
@@ -174,6 +175,11 @@ class RunConfig:
                                          hash="unless-default", metavar="N")
     test_per_class: int | None = option(None, "evaluate on the first N test images of each class only",
                                         check=_at_least(1), hash="unless-default", metavar="N")
+    log: list[str] = option([], "write the run to tensorboard, mlflow or wandb, locally (repeatable, or "
+                            "comma-separated; each an optional extra: pip install 'retain[NAME]')",
+                            choices=LOGGERS, hash="never", group="run", metavar="NAME")
+    log_dir: str | None = option(None, "folder for the loggers' files (default ./retain-logs)", hash="never",
+                                 group="run", metavar="DIR")
     data_dir: str | None = option(None, "folder with the dataset files (else $RETAIN_DATA, ~/.cache/retain, ...)",
                                   hash="never", group="data", metavar="DIR")
     download: bool = option(False, "fetch missing data from the canonical mirrors", hash="never", group="data")
@@ -196,7 +202,7 @@ class Option:
     """One run option as the schema sees it (built from a :class:`RunConfig` field)."""
 
     name: str
-    kind: str  # str | int | float | bool | ints | floats2 | params
+    kind: str  # str | int | float | bool | ints | strs | floats2 | params
     optional: bool
     default: Any
     help: str
@@ -228,6 +234,8 @@ def _kind(annotation: Any) -> tuple[str, bool]:
         return "params", optional
     if origin in (list, tuple) and inner and inner[0] is int:
         return "ints", optional
+    if origin is list and inner == (str,):
+        return "strs", optional
     if origin is tuple and inner == (float, float):
         return "floats2", optional
     raise TypeError(f"run option type {annotation} is not supported by the schema")  # pragma: no cover
@@ -299,13 +307,21 @@ def coerce(name: str, value: Any, where: str = "") -> Any:
             raise bad("comma-separated positive integers like 400,400" if name == "hidden" else
                       "comma-separated whole numbers like 0,1,2")
         out = tuple(nums) if name == "hidden" else list(nums)
+    elif k == "strs":  # repeatable flags (a list of strings), or one comma-separated string
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if not all(isinstance(v, str) for v in items):
+            raise bad("names like tensorboard,mlflow")
+        out = list(dict.fromkeys(p.strip() for v in items for p in v.split(",") if p.strip()))
+        for v in out:
+            if o.choices and v not in o.choices:
+                raise ConfigError(f"{prefix}unknown {name} {v!r}; choose one of {', '.join(o.choices)}")
     else:  # floats2
         parts = _parts(value)
         nums = [_number(p, float) for p in parts] if parts is not None else None
         if not nums or len(nums) != 2 or any(n is None for n in nums):
             raise bad("two comma-separated numbers like 0.1,0.2752")
         out = (float(nums[0]), float(nums[1]))
-    if o.choices and out not in o.choices and not (name == "arch" and str(out).startswith("custom:")):
+    if o.choices and k != "strs" and out not in o.choices and not (name == "arch" and str(out).startswith("custom:")):
         # ("custom:Class" is what a run with the user's own model records as its arch)
         raise ConfigError(f"{prefix}unknown {name} {out!r}; choose one of {', '.join(o.choices)}")
     problem = o.check(out) if o.check else None
@@ -616,6 +632,10 @@ def resolve(config: RunConfig | dict[str, Any] | None = None, *, scenario: Any =
         raise ConfigError(f"--si-blurry is a class-incremental stream; use --mode class (not {c.mode})")
     check_pairing(method, c.mode, c.task_free, c.all_outputs)
     _check_step(method, c)
+    if c.log:
+        from retain.loggers import check_available
+
+        check_available(c.log)
     if c.count_flops and (c.devices > 1 or os.environ.get("WORLD_SIZE")):
         raise ConfigError("--count-flops counts one process's operations; drop --devices (the FLOPs of a step do not "
                           "depend on how many processes share it)")

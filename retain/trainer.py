@@ -312,6 +312,7 @@ class Losses:
         self.slots = self.values.unbind()  # one view per step, made once
         self.where: list[tuple[int, int, int]] = []  # (task, step within the task, global step) of each value
         self.last = math.nan  # the latest loss read
+        self.on_read: Callable[[list[float], list[tuple[int, int, int]]], None] | None = None  # the loggers
 
     def add(self, loss: Tensor | float, where: tuple[int, int, int]) -> bool:
         """Keep ``loss`` (no read); True when the block is full and should be read."""
@@ -329,6 +330,8 @@ class Losses:
                     raise TrainingError(f"loss became {value} at task {task}, step {step} (global step "
                                         f"{global_step}); lower --lr or the method's strength", task, global_step)
             self.last = values[-1]
+            if self.on_read is not None:
+                self.on_read(values, list(self.where))
             self.where.clear()
         return self.last
 
@@ -363,7 +366,7 @@ class Trainer:
     FORMAT = 2  # of state_dict(); bump it when the layout changes (older checkpoints are then refused)
 
     def __init__(self, scenario: Scenario, method: Method, model: nn.Module, config: TrainConfig,
-                 progress: Progress | None = None, checkpointer: Checkpointer | None = None):
+                 progress: Progress | None = None, checkpointer: Checkpointer | None = None, loggers: Any = None):
         self.device = resolve_device(config.device)
         check_memory(method, scenario, self.device)  # the free memory is known only now, on this machine
         self.scenario = scenario.to(self.device)
@@ -405,6 +408,9 @@ class Trainer:
         self.curve: list[dict[str, Any]] | None = [] if config.eval_every else None
         self.flops = Flops() if config.count_flops else None
         self.clock, self.losses, self.drawn = Clock(self.device), Losses(self.device), 0.0
+        self.loggers = loggers  # retain.loggers.Loggers, or None
+        if loggers is not None:
+            self.losses.on_read = loggers.losses
 
     def run(self) -> Trained:
         """Resume from the checkpoint if there is one (else evaluate the untrained model: b), then train."""
@@ -538,6 +544,10 @@ class Trainer:
                 self.V[i] = self.evaluate("val")
         if self.curve is not None:
             self.curve.append({"samples": self.samples, "task": i, "acc": list(self.R[i]), "end": True})
+        if self.loggers is not None:
+            self.loggers.row(i, self.R[i])
+            if self.curve is not None:
+                self.loggers.point(self.curve[-1])
 
     def maybe_evaluate(self, ends_task: bool) -> None:
         """Anytime evaluation: a point of the curve each time another ``eval_every`` samples have been trained on
@@ -554,6 +564,8 @@ class Trainer:
             acc = self.evaluate()
         self.anytime_s += time.perf_counter() - t0
         self.curve.append({"samples": self.samples, "task": self.task, "acc": acc, "end": False})
+        if self.loggers is not None:
+            self.loggers.point(self.curve[-1])
 
     def evaluate(self, split: str = "test", within_task: list[float] | None = None,
                  top5: list[float] | None = None) -> list[float]:
@@ -648,7 +660,7 @@ class Trainer:
 
 
 def train(scenario: Scenario, method: Method, model: nn.Module, config: TrainConfig,
-          progress: Progress | None = None, checkpointer: Checkpointer | None = None) -> Trained:
+          progress: Progress | None = None, checkpointer: Checkpointer | None = None, loggers: Any = None) -> Trained:
     """Train ``model`` with ``method`` on every task of ``scenario`` in turn; fill R and b.
 
     The configuration is trusted: ``config.resolve()`` has checked it, and the method's pairing with the
@@ -658,7 +670,7 @@ def train(scenario: Scenario, method: Method, model: nn.Module, config: TrainCon
     where it stopped: the same batches, the same random draws, the same final matrix as an uninterrupted run.
     """
     _warm_up_optimizers()
-    return Trainer(scenario, method, model, config, progress, checkpointer).run()
+    return Trainer(scenario, method, model, config, progress, checkpointer, loggers).run()
 
 
 _warmed_up = False

@@ -65,7 +65,7 @@ def test_er_aml_first_step_is_plain_cross_entropy_then_the_aml_loss_replaces_it(
     b = ctx.scenario.batch(ctx.scenario.task_data(0).idx[:6], 0)
     ctx.batch = b
     out = aml.forward(ctx, b.x, b.t)
-    assert float(aml.penalty(ctx, b, out)) == 0.0  # empty buffer: the trainer's CE alone
+    assert float(aml.penalty(ctx, b, out).detach()) == 0.0  # empty buffer: the trainer's CE alone
     aml.after_update(ctx, b, out)
     out = aml.forward(ctx, b.x, b.t)
     penalty = aml.penalty(ctx, b, out)

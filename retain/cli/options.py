@@ -58,6 +58,9 @@ def add_run_options(p: argparse.ArgumentParser, single_method: bool = True) -> N
                            default=argparse.SUPPRESS)
         elif o.kind == "bool":
             g.add_argument(o.flag, action=argparse.BooleanOptionalAction, help=help_, default=argparse.SUPPRESS)
+        elif o.kind == "strs":
+            g.add_argument(o.flag, *o.aliases, dest=o.name, action="append", metavar=o.metavar or o.name.upper(),
+                           help=help_, default=argparse.SUPPRESS)
         else:
             g.add_argument(o.flag, *o.aliases, dest=o.name, metavar=o.metavar or o.name.upper(), help=help_,
                            default=argparse.SUPPRESS)

@@ -35,11 +35,14 @@ class GSS(Method):
     met with an empty memory, get score 0.1 (both codes). Replay: ``replay_batch`` rows drawn uniformly from the
     memory, appended to the incoming batch (one loss over both, as Mammoth's ``gss`` and retain's ``er``).
 
-    Hooks: ``augment`` (replay rows), ``after_update`` (the selection; gradients computed with the model in eval mode,
-    as Mammoth, with retain's mode-aware masked cross-entropy, one row at a time). The rows and their scores live in
-    a :class:`retain.buffers.Buffer` (scores in its ``prio``).
-    Deviations: (1) the gate ``c < 1`` is applied per row, as Algorithm 2; both codes gate a whole batch on the
-    similarity of the batch's mean gradient and then score each row (an economy). (2) G holds per-row gradients
+    Hooks: ``augment`` (replay rows), ``after_update`` (the selection; gradients of retain's mode-aware masked
+    cross-entropy with the model in eval mode, as Mammoth). The cosines need only the gradients' inner products:
+    for a model of linear layers (retain's MLPs) they come from one forward and backward of the rows (:meth:`gram`),
+    otherwise from per-row gradients (:meth:`gradients`); both are exact. The rows and their scores live in a
+    :class:`retain.buffers.Buffer` (scores in its ``prio``).
+    Deviations: (1) the gate ``c < 1`` is applied per row and a row entering a memory with room is stored with its
+    own score, as Algorithm 2; both codes gate a whole batch on the similarity of the batch's mean gradient (and
+    Mammoth stores a filling batch's rows with that batch score), an economy. (2) G holds per-row gradients
     of ``n_compare`` stored rows, as the paper and Mammoth; the authors' code compares with the mean gradients of
     ``memory_strength`` (10) stored mini-batches. (3) one update per incoming batch (Mammoth's ``batch_num`` = 1);
     the authors' MNIST scripts take 3 (``n_iter``), each a step on the incoming batch then one on a replay batch.
