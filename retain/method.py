@@ -466,9 +466,9 @@ def _import_method(spec: str) -> type[Method]:
     return obj
 
 
-# Names that were registered once and now mean something else, with the hint the unknown-name error gives.
-RENAMED = {"oml": "renamed maml_replay: it is the course chapter's MAML-style online meta-learning, not Javed & "
-                  "White's OML"}
+# Names that were registered once and are gone, with the hint the unknown-name error gives. ("oml" was the course
+# chapter's MAML-style learner, renamed maml_replay; the name is now Javed & White's OML, retain/methods/oml.py.)
+RENAMED: dict[str, str] = {}
 
 
 def _part(name: str, registry: dict[str, type[Method]]) -> type[Method]:
@@ -476,7 +476,7 @@ def _part(name: str, registry: dict[str, type[Method]]) -> type[Method]:
         return _import_method(name)
     if name in registry:
         return registry[name]
-    hint = f" ({RENAMED[name]})" if name in RENAMED else ""  # e.g. "unknown method 'oml' (renamed ...)"
+    hint = f" ({RENAMED[name]})" if name in RENAMED else ""  # e.g. "unknown method 'x' (renamed y)"
     raise ConfigError(f"unknown method {name!r}{hint}; choose one of {', '.join(registry)} (or join them with +, "
                       "e.g. ewc+er; or a class of your own as module:Class, e.g. mymethods:MyMethod)")
 

@@ -86,9 +86,9 @@ def test_task_free_pairings():
             assert method.buffer.seen == n_rows and method.buffer.tasks() == [0, 1], (name, mode)
 
 
-def test_maml_replay_is_no_longer_registered_and_points_to_maml_replay():
-    with pytest.raises(ConfigError, match="maml_replay"):
-        create("oml")
+def test_oml_is_javed_and_whites_and_the_chapters_learner_is_maml_replay():
+    assert "Javed & White" in (type(create("oml")).__doc__ or "")
+    assert type(create("maml_replay")).__name__ != type(create("oml")).__name__
 
 
 # -------------------------------------------------------------------------------------------------- PNN

@@ -1,0 +1,84 @@
+"""OML (Javed & White 2019): the meta-gradient against finite differences, which data meta-trains, the frozen
+representation in the online phase, and its errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import retain
+from retain.errors import ConfigError
+from retain.methods.oml import OML, meta_loss
+
+
+def test_the_meta_gradient_matches_finite_differences_through_the_inner_steps():
+    """d L_meta / d θ for a representation weight and for the prediction network's initial weights, where L_meta is
+    the loss after three one-sample SGD steps on fast weights (second order), against central differences in
+    float64."""
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(4, 5), nn.Tanh()).double()
+    w = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    x_t, y_t = torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 1, 1])
+    x_q, y_q = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 2, 1, 0])
+    loss = meta_loss(body, w, b, x_t, y_t, x_q, y_q, alpha=0.5)
+    gw0, gb, gw = torch.autograd.grad(loss, (body[0].weight, b, w))
+    eps = 1e-6
+
+    def at(p: torch.Tensor, idx: tuple[int, ...], h: float) -> float:
+        with torch.no_grad():
+            p[idx] += h
+        v = meta_loss(body, w, b, x_t, y_t, x_q, y_q, alpha=0.5).item()
+        with torch.no_grad():
+            p[idx] -= h
+        return v
+
+    for p, g in ((body[0].weight, gw0), (b, gb), (w, gw)):
+        for idx in [(0,) * p.dim(), tuple(s - 1 for s in p.shape)]:
+            numeric = (at(p, idx, eps) - at(p, idx, -eps)) / (2 * eps)
+            assert g[idx].item() == pytest.approx(numeric, rel=1e-5, abs=1e-8)
+    # the second-order terms matter: a first-order meta-gradient (inner gradients detached) differs
+    fw, fb = w, b
+    for i in range(3):
+        step = torch.nn.functional.cross_entropy(torch.nn.functional.linear(body(x_t[i:i + 1]), fw, fb), y_t[i:i + 1])
+        g1, g2 = torch.autograd.grad(step, (fw, fb))
+        fw, fb = fw - 0.5 * g1.detach(), fb - 0.5 * g2.detach()
+    first = torch.nn.functional.cross_entropy(torch.nn.functional.linear(body(x_q), fw, fb), y_q)
+    (gw0_first,) = torch.autograd.grad(first, (body[0].weight,))
+    assert not torch.allclose(gw0_first, gw0)
+
+
+def _digits(**kw):
+    return {"benchmark": "split-digits", "mode": "class", "class_order": [5, 6, 7, 8, 9], "n_tasks": 5,
+            "hidden": (32,), "threads": 1, **kw}
+
+
+def test_meta_trains_on_the_classes_no_task_uses_then_freezes_the_representation():
+    m = OML(meta_steps=20, trajectory=4, random_samples=6, class_samples=2)
+    r = retain.run(method=m, online=True, all_outputs=True, **_digits())
+    assert m.meta_classes == [0, 1, 2, 3, 4]  # what meta-trained, and the record says so
+    assert any("meta-trained 20 steps on the dataset's classes [0, 1, 2, 3, 4]" in w for w in r.warnings)
+    assert len(m.meta_curve) == 1
+
+
+def test_the_online_phase_trains_only_the_prediction_network():
+    seen = {}
+
+    class Watch(OML):
+        def end_task(self, ctx):
+            seen.setdefault("body", [p.detach().clone() for p in ctx.model.features.parameters()])
+            seen["last_body"] = [p.detach().clone() for p in ctx.model.features.parameters()]
+            seen.setdefault("head", ctx.model.head.weight.detach().clone())
+            seen["last_head"] = ctx.model.head.weight.detach().clone()
+
+    retain.run(method=Watch(meta_steps=5, trajectory=3, random_samples=4), epochs=1, batch_size=5, **_digits())
+    assert all(torch.equal(a, b) for a, b in zip(seen["body"], seen["last_body"]))  # frozen after meta-training
+    assert not torch.equal(seen["head"], seen["last_head"])  # the PLN learns
+
+
+def test_a_run_that_uses_every_class_is_refused_with_the_fix():
+    with pytest.raises(ConfigError, match="--class-order 5,6,7,8,9"):
+        retain.run(benchmark="split-digits", mode="class", method="oml", hidden=(16,), epochs=1, threads=1)
+    with pytest.raises(ConfigError, match="meta_steps"):
+        OML(meta_steps=0)
