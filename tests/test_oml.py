@@ -22,14 +22,15 @@ def test_the_meta_gradient_matches_finite_differences_through_the_inner_steps():
     b = torch.randn(3, dtype=torch.float64, requires_grad=True)
     x_t, y_t = torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 1, 1])
     x_q, y_q = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 2, 1, 0])
-    loss = meta_loss(body, w, b, x_t, y_t, x_q, y_q, alpha=0.5)
+    pln = nn.Linear(5, 3).double()
+    loss = meta_loss(body, pln, {"weight": w, "bias": b}, x_t, y_t, x_q, y_q, alpha=0.5)
     gw0, gb, gw = torch.autograd.grad(loss, (body[0].weight, b, w))
     eps = 1e-6
 
     def at(p: torch.Tensor, idx: tuple[int, ...], h: float) -> float:
         with torch.no_grad():
             p[idx] += h
-        v = meta_loss(body, w, b, x_t, y_t, x_q, y_q, alpha=0.5).item()
+        v = meta_loss(body, pln, {"weight": w, "bias": b}, x_t, y_t, x_q, y_q, alpha=0.5).item()
         with torch.no_grad():
             p[idx] -= h
         return v
@@ -63,18 +64,23 @@ def test_meta_trains_on_the_classes_no_task_uses_then_freezes_the_representation
 
 
 def test_the_online_phase_trains_only_the_prediction_network():
+    """MLP 64-32-32-5 with the authors' two-layer PLN: the first hidden layer is the representation (frozen after
+    meta-training), the second and the head the prediction network (trained)."""
     seen = {}
 
     class Watch(OML):
         def end_task(self, ctx):
-            seen.setdefault("body", [p.detach().clone() for p in ctx.model.features.parameters()])
-            seen["last_body"] = [p.detach().clone() for p in ctx.model.features.parameters()]
-            seen.setdefault("head", ctx.model.head.weight.detach().clone())
-            seen["last_head"] = ctx.model.head.weight.detach().clone()
+            rln = list(ctx.model.features[:-2].parameters())
+            pln = [*ctx.model.features[-2:].parameters(), *ctx.model.head.parameters()]
+            for key, ps in (("rln", rln), ("pln", pln)):
+                seen.setdefault(key, [p.detach().clone() for p in ps])
+                seen["last_" + key] = [p.detach().clone() for p in ps]
 
-    retain.run(method=Watch(meta_steps=5, trajectory=3, random_samples=4), epochs=1, batch_size=5, **_digits())
-    assert all(torch.equal(a, b) for a, b in zip(seen["body"], seen["last_body"]))  # frozen after meta-training
-    assert not torch.equal(seen["head"], seen["last_head"])  # the PLN learns
+    m = Watch(meta_steps=5, trajectory=3, random_samples=4)
+    retain.run(method=m, epochs=1, batch_size=5, **_digits(hidden=(32, 32)))
+    assert len(seen["rln"]) == 2 and len(seen["pln"]) == 4
+    assert all(torch.equal(a, b) for a, b in zip(seen["rln"], seen["last_rln"]))  # frozen after meta-training
+    assert not any(torch.equal(a, b) for a, b in zip(seen["pln"], seen["last_pln"]))  # the PLN learns
 
 
 def test_a_run_that_uses_every_class_is_refused_with_the_fix():

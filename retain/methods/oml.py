@@ -15,17 +15,21 @@ from retain.method import Method, param, register
 from retain.scenarios import Batch
 
 
-def meta_loss(body: nn.Module, w: Tensor, b: Tensor, x_traj: Tensor, y_traj: Tensor, x_meta: Tensor,
-              y_meta: Tensor, alpha: float) -> Tensor:
-    """The OML meta-objective of one trajectory: the prediction network (a linear layer ``w, b`` on ``body``'s
+def meta_loss(body: nn.Module, pln: nn.Module, params: dict[str, Tensor], x_traj: Tensor, y_traj: Tensor,
+              x_meta: Tensor, y_meta: Tensor, alpha: float) -> Tensor:
+    """The OML meta-objective of one trajectory: the prediction network ``pln`` (run with ``params``, on ``body``'s
     features) takes one SGD step of size ``alpha`` per trajectory sample, in order, on fast weights; the loss is the
     cross-entropy of the last fast weights on the meta batch. Differentiable in ``body``'s parameters and in the
-    initial ``w, b`` (second order: the inner gradients are part of the graph)."""
+    initial ``params`` (second order: the inner gradients are part of the graph)."""
+    from torch.func import functional_call
+
+    names = list(params)
     for i in range(len(x_traj)):
-        loss = F.cross_entropy(F.linear(body(x_traj[i:i + 1]).flatten(1), w, b), y_traj[i:i + 1])
-        gw, gb = torch.autograd.grad(loss, (w, b), create_graph=True)
-        w, b = w - alpha * gw, b - alpha * gb
-    return F.cross_entropy(F.linear(body(x_meta).flatten(1), w, b), y_meta)
+        out = functional_call(pln, params, (body(x_traj[i:i + 1]).flatten(1),))
+        grads = torch.autograd.grad(F.cross_entropy(out, y_traj[i:i + 1]), [params[n] for n in names],
+                                    create_graph=True)
+        params = {n: params[n] - alpha * g for n, g in zip(names, grads)}
+    return F.cross_entropy(functional_call(pln, params, (body(x_meta).flatten(1),)), y_meta)
 
 
 @register("oml")
@@ -55,10 +59,13 @@ class OML(Method):
     ``parameters`` (the PLN only), ``observe`` (the per-sample steps). Works task-free (``--online``): the
     boundaries are not needed.
 
-    Deviations: the PLN is the model's last linear layer (the authors' Omniglot PLN is its last two fully
-    connected layers; retain's models end in one), and the meta-training head is a separate linear layer over
-    the meta-training classes (the authors' one output layer covers all 1,000 Omniglot classes; only φ carries over
-    to phase 2 either way, their evaluation re-initialises the output layer too). The meta batch is drawn from the
+    The PLN is the model's head and its last ``pln_layers - 1`` hidden layers (an MLP's; the authors': the last two
+    fully connected layers); the representation φ the layers before.
+
+    Deviations: the meta-training output layer is a separate linear layer over the meta-training classes (the
+    authors' one output layer covers all 1,000 Omniglot classes); the PLN's hidden layers carry their meta-learned
+    initialisation into phase 2 and the output layer starts afresh there (the authors' evaluation re-initialises it
+    too). The meta batch is drawn from the
     meta-training rows directly rather than from the authors' loaders.
     """
 
@@ -70,6 +77,8 @@ class OML(Method):
     class_samples: int = param(5, "meta-batch rows of the trajectory's own class, not in the trajectory (authors': 5)")
     clip: float = param(5.0, "elementwise clip of the meta-gradient (authors': 5)")
     reset: bool = param(True, "re-initialise the trajectory class's output row before each trajectory (authors')")
+    pln_layers: int = param(2, "linear layers of the prediction network: the head and the last hidden layers of an "
+                               "MLP (authors': 2); the rest is the representation")
 
     modes = ("task", "domain", "class")
 
@@ -77,6 +86,8 @@ class OML(Method):
         for name in ("meta_steps", "trajectory", "random_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"oml: {name} must be at least 1, got {getattr(self, name)}")
+        if self.pln_layers < 1:
+            raise ConfigError(f"oml: pln_layers must be at least 1, got {self.pln_layers}")
         if self.class_samples < 0:
             raise ConfigError(f"oml: class_samples must be >= 0, got {self.class_samples}")
         for name in ("meta_lr", "inner_lr", "clip"):
@@ -94,20 +105,20 @@ class OML(Method):
     def parameters(self, model: nn.Module) -> list[nn.Parameter]:
         if self.meta_classes is None:  # before meta-training (nothing trains yet)
             return [p for p in model.parameters() if p.requires_grad]
-        return list(_parts(model)[1].parameters())
+        return list(_parts(model, self.pln_layers)[1].parameters())
 
     def observe(self, ctx: Any, batch: Batch) -> Tensor:
         if self.meta_classes is None:  # a task-free stream calls no begin_task: meta-train before the first step
             self.meta_train(ctx)
-        body, head = _parts(ctx.model)
+        body, pln = _parts(ctx.model, self.pln_layers)
         body.eval()  # φ is frozen: no gradient, fixed normalisation statistics
         with torch.no_grad():
             f = body(batch.x).flatten(1)
         losses = []
-        params = list(head.parameters())
+        params = list(pln.parameters())
         for i in range(len(batch)):
             row = Batch(batch.x[i:i + 1], batch.y[i:i + 1], batch.t[i:i + 1], None, batch.task)
-            loss = ctx.loss(head(f[i:i + 1]), row)
+            loss = ctx.loss(pln(f[i:i + 1]), row)
             grads = torch.autograd.grad(loss, params)
             with torch.no_grad():
                 torch._foreach_add_(params, list(grads), alpha=-self.inner_lr)
@@ -123,13 +134,20 @@ class OML(Method):
         if len(classes) < 2:
             raise ConfigError("oml meta-trains on classes the stream does not use, and this run uses all of the "
                               "dataset's; leave some out, e.g. --class-order 5,6,7,8,9 --n-tasks 5 on split-mnist")
-        body, head = _parts(ctx.model)
+        body, pln = _parts(ctx.model, self.pln_layers)
+        head = pln[-1]
+        if not any(True for _ in body.parameters()):
+            ctx.warn(f"oml: with pln_layers={self.pln_layers} every layer of this model is in the prediction network "
+                     "and the representation has no parameters; meta-training then learns only the prediction "
+                     "network's initialisation (add hidden layers, or lower pln_layers)")
         rows = {c: (labels == c).nonzero().flatten() for c in classes}
         all_rows = torch.cat(list(rows.values()))
         out_of = {c: i for i, c in enumerate(classes)}
         dev = ctx.device
         meta_head = nn.Linear(head.in_features, len(classes)).to(dev)
-        opt = torch.optim.Adam([*body.parameters(), *meta_head.parameters()], lr=self.meta_lr)
+        meta_pln = nn.Sequential(*pln[:-1], meta_head)  # the PLN's hidden layers themselves: their init carries over
+        trained = [*body.parameters(), *meta_pln.parameters()]
+        opt = torch.optim.Adam(trained, lr=self.meta_lr)
         g = ctx.rng
         need = self.trajectory + self.class_samples
         was = body.training
@@ -147,11 +165,11 @@ class OML(Method):
             q = torch.cat([extra, rand])
             x_q = _inputs(sc, q).to(dev)
             y_q = torch.tensor([out_of[int(v)] for v in labels[q]], dtype=torch.long, device=dev)
-            loss = meta_loss(body, meta_head.weight, meta_head.bias, x_t, y_t, x_q, y_q, self.inner_lr)
+            loss = meta_loss(body, meta_pln, dict(meta_pln.named_parameters()), x_t, y_t, x_q, y_q, self.inner_lr)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             with torch.no_grad():
-                for p in [*body.parameters(), *meta_head.parameters()]:
+                for p in trained:
                     if p.grad is not None:
                         p.grad.clamp_(-self.clip, self.clip)
             opt.step()
@@ -165,12 +183,22 @@ class OML(Method):
                  "then froze the representation; the stream's classes were not seen in meta-training")
 
 
-def _parts(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
+def _parts(model: nn.Module, pln_layers: int = 1) -> tuple[nn.Module, nn.Sequential]:
+    """(representation, prediction network): the PLN is the head and the last ``pln_layers - 1`` Linear-ReLU pairs
+    of ``model.features`` (an MLP's), the representation what comes before."""
     body, head = getattr(model, "features", None), getattr(model, "head", None)
     if body is None or not isinstance(head, nn.Linear):
         raise ConfigError("oml needs a model with a .features representation and a linear .head (the prediction "
                           "network); retain's mlp and resnet models have both")
-    return body, head
+    k = 2 * (pln_layers - 1)
+    if k == 0:
+        return body, nn.Sequential(head)
+    tail = list(body)[-k:] if isinstance(body, nn.Sequential) and len(body) > k else []
+    if not (len(tail) == k and all(isinstance(m, nn.Linear if i % 2 == 0 else nn.ReLU) for i, m in enumerate(tail))):
+        raise ConfigError(f"oml: pln_layers={pln_layers} takes the last {pln_layers - 1} hidden layers of an MLP into "
+                          "the prediction network; this model has not as many (use --hidden with more layers, or "
+                          "pln_layers=1)")
+    return body[:-k], nn.Sequential(*tail, head)
 
 
 def _inputs(sc: Any, idx: Tensor) -> Tensor:
