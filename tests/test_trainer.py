@@ -332,3 +332,22 @@ def test_progress_is_drawn_at_most_ten_times_a_second_and_at_each_task_end(monke
     assert len(calls) - len(ends) <= 3 * 40 * 0.01 / trainer.DRAW_EVERY_S + 1  # at most one draw per 0.1 s
     assert len(calls) >= 3 * 40 * 0.01 / trainer.DRAW_EVERY_S - 1  # and not fewer
     assert all(isinstance(c[3], float) and c[3] == c[3] for c in calls)  # the loss read back, finite
+
+
+def test_a_class_il_task_learned_within_its_classes_but_outscored_is_not_called_collapsed():
+    """Class-IL: task 1's rows are classified right among task 1's classes, but an old class wins every row (here
+    forced: task 0's outputs +10⁶ at evaluation). That is forgetting-like interference, not a collapse: no warning."""
+    sc = tiny_split("class", n_tasks=3)
+
+    @dataclass
+    class Outscored(Method):
+        def forward(self, ctx, x, t):
+            out = ctx.model(x)
+            if not ctx.model.training and ctx.task >= 1:
+                out = out + 1e6 * ctx.scenario.task_out[0].to(out.dtype)
+            return out
+
+    torch.manual_seed(0)
+    r = train(sc, Outscored(), MLP(8, sc.n_outputs, (16,)), TrainConfig(epochs=30, batch_size=8, lr=0.1))
+    assert r.accuracy_matrix[1][1] == 0.0 and r.task_il_matrix[1][1] > 0.9, (r.accuracy_matrix, r.task_il_matrix)
+    assert not [w for w in r.warnings if "was not learned" in w], r.warnings

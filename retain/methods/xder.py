@@ -277,7 +277,8 @@ class XDER(Method):
         x, y, tt = x[pool], y[pool], tt[pool]
         was = ctx.model.training
         ctx.model.train()  # Mammoth computes the stored logits in training mode, batch norm not tracking
-        logits = self.outputs(ctx, ctx.augmented(x), tt)  # on an augmented view, as Mammoth's train loader gives
+        mix = torch.Generator().manual_seed(ctx.config.seed * 1000 + t)  # its own draws: ctx.rng's stream unchanged
+        logits = self.outputs(ctx, ctx.augmented(x), tt, mix)  # on an augmented view, as Mammoth's train loader gives
         if t > 0:  # the current task's rows: past heads bounded by γ times the ground-truth logit
             logits = self.update_logits(logits, logits, y, self.heads(ctx, 0, t))
         self.buffer.select(x, y, tt, x.new_zeros(len(x), 1), "random", key=tt * ctx.scenario.n_outputs + y,
@@ -287,15 +288,24 @@ class XDER(Method):
         old = stored.t < t
         if bool(old.any()):
             idx = stored.idx[old]
-            now = self.outputs(ctx, ctx.augmented(stored.x[old]), stored.t[old])
+            now = self.outputs(ctx, ctx.augmented(stored.x[old]), stored.t[old], mix)
             self.buffer.logits[idx] = self.update_logits(stored.logits[old], now, stored.y[old], self.heads(ctx, t))
         self.counter.zero_()
         ctx.model.train(was)
 
-    def outputs(self, ctx: Any, x: Tensor, t: Tensor, chunk: int = 256) -> Tensor:
-        """The network's outputs on ``x`` in chunks, batch-norm statistics left untouched."""
+    def outputs(self, ctx: Any, x: Tensor, t: Tensor, mix: torch.Generator) -> Tensor:
+        """The network's outputs on ``x``, batch-norm statistics left untouched, in shuffled batches of the run's
+        batch size (in training mode a batch's statistics normalise it: Mammoth's batches mix the classes, so a
+        chunk of one class would give other targets), returned in ``x``'s order."""
+        perm = torch.randperm(len(x), generator=mix).to(x.device)
+        bs = ctx.config.batch_size
+        out = torch.empty(0)
         with frozen_bn(ctx.model, True):
-            return torch.cat([ctx.forward(x[i:i + chunk], t[i:i + chunk]).float() for i in range(0, len(x), chunk)])
+            parts = [ctx.forward(x[perm[i:i + bs]], t[perm[i:i + bs]]).float() for i in range(0, len(x), bs)]
+        if parts:
+            out = torch.empty(len(x), parts[0].shape[1], dtype=parts[0].dtype, device=parts[0].device)
+            out[perm] = torch.cat(parts)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
