@@ -295,11 +295,13 @@ KNOWN = [
     ("agem", {"memory_per_task": 5}, 5 * 2, 5 * 2, "rows"),
     ("mer", {"buffer_size": 20}, 20, 20, "rows"),
     ("maml_replay", {"buffer_size": 20}, 20, 20, "rows"),
+    ("mir", {"buffer_size": 20}, 20, 20, "rows"),
+    ("gss", {"buffer_size": 20}, 20, 20, "rows"),
     ("ewc+er", {"buffer_size": 20}, 20, 20, "rows"),
     ("si+der", {"buffer_size": 20}, 20, 20, "logits"),
     ("joint", {}, N_TRAIN, 0, 0),  # every training row, read in place by index: no copy
     *[(n, {}, 0, 0, 0) for n in ("finetune", "ewc", "online_ewc", "si", "mas", "lwf", "dgr")],  # no sample kept
-    *[(n, {}, 0, 0, 0) for n in ("pnn", "packnet")],
+    *[(n, {}, 0, 0, 0) for n in ("pnn", "packnet", "oml")],
 ]
 
 
