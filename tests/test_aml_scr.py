@@ -11,8 +11,8 @@ import torch
 import retain
 from retain.method import create
 from retain.methods.er_aml import aml_loss, positives_negatives
-from retain.methods.xder import supcon
 from retain.models import MLP
+from retain.ops.contrastive import supcon
 from retain.trainer import Context, TrainConfig
 from tests.conftest import tiny_split
 

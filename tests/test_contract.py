@@ -297,6 +297,8 @@ KNOWN = [
     ("maml_replay", {"buffer_size": 20}, 20, 20, "rows"),
     ("mir", {"buffer_size": 20}, 20, 20, "rows"),
     ("gss", {"buffer_size": 20}, 20, 20, "rows"),
+    ("er_aml", {"buffer_size": 20}, 20, 20, "rows"),
+    ("scr", {"buffer_size": 20}, 20, 20, "rows"),
     ("ewc+er", {"buffer_size": 20}, 20, 20, "rows"),
     ("si+der", {"buffer_size": 20}, 20, 20, "logits"),
     ("joint", {}, N_TRAIN, 0, 0),  # every training row, read in place by index: no copy

@@ -16,7 +16,7 @@ from retain.errors import ConfigError
 from retain.method import Memory, Method, param, register
 from retain.methods.er import features
 from retain.methods.icarl import class_mean, nme_scores
-from retain.methods.xder import supcon
+from retain.ops.contrastive import supcon
 from retain.scenarios import Batch
 
 HEADS = ("mlp", "linear")
@@ -36,7 +36,7 @@ class SCR(Method):
     features of the combined rows go through a projection head (``head = mlp``: Linear(d, d), ReLU, Linear(d,
     ``feat_dim``); ``linear``: one Linear) and are L2-normalised; this is done for the rows as they are and for an
     augmented view of them, and the loss is the supervised contrastive loss of Khosla et al. 2020 over the 2N views
-    at ``temperature`` (:func:`retain.methods.xder.supcon`: every view an anchor, its positives the other views
+    at ``temperature`` (:func:`retain.ops.contrastive.supcon`: every view an anchor, its positives the other views
     of its label, itself excluded from the denominator; no τ/τ_b factor, as the authors' copy). There is no
     cross-entropy: the model's linear head is never trained. With an empty buffer (the first step) there is no
     update, as the authors' ``if mem_x.size(0) > 0``. The incoming rows are then inserted into the buffer.
