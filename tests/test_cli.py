@@ -22,7 +22,9 @@ def test_run_prints_matrix_and_writes_json(tmp_path):
     assert "after task" in p.stdout and "ACC" in p.stdout and "BWT" in p.stdout
     rec = json.loads(out.read_text())
     assert set(rec) >= {"config", "accuracy_matrix", "baseline", "metrics", "timings", "versions"}
-    assert set(rec["metrics"]) == {"acc", "bwt", "fwt", "forgetting", "learning_acc"}
+    # the matrix's metrics, and in class-IL the final old/new-class and top-5 accuracy
+    assert set(rec["metrics"]) == {"acc", "bwt", "fwt", "forgetting", "learning_acc", "avg_incremental_acc",
+                                   "old_acc", "new_acc", "top5_acc"}
     assert set(rec["timings"]) >= {"train_s", "eval_s"}
     c = rec["config"]
     assert (c["hidden"], c["epochs"], c["batch_size"], c["optimizer"], c["lr"], c["seed"]) == \
