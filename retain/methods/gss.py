@@ -20,8 +20,10 @@ from retain.scenarios import Batch
 @register("gss")
 @dataclass
 class GSS(Method):
-    """GSS-Greedy: a sample enters a full memory, over a stored one drawn by score, when its gradient is unlike all
-    of a random few stored ones; replay as ER.
+    """GSS-Greedy: keep the rows whose gradients are unlike those stored; replay a random memory batch as ER.
+
+    A row enters a full memory, over a stored one drawn by score, when its gradient is unlike all of a random few
+    stored ones.
 
     Aljundi, Lin, Goujaud & Bengio, "Gradient based sample selection for online continual learning", NeurIPS 2019
     (Algorithm 2, GSS-Greedy; the authors' ``rahafaljundi/Gradient-based-Sample-Selection`` ``model/GSS_Greedy.py``

@@ -18,8 +18,9 @@ from retain.scenarios import Batch
 @register("mir")
 @dataclass
 class MIR(Method):
-    """ER-MIR: replay the ``mem_batch_size`` of ``subsample`` random memories whose loss a virtual step on the
-    incoming batch raises most.
+    """ER-MIR: replay the memories whose loss a virtual SGD step on the incoming batch raises most.
+
+    Of ``subsample`` random memories, the ``mem_batch_size`` with the largest rise are replayed.
 
     Aljundi, Caccia, Belilovsky, Caccia, Lin, Charlin & Tuytelaars, "Online Continual Learning with Maximally
     Interfered Retrieval", NeurIPS 2019 (Algorithm 1, ER-MIR; the authors' ``optimass/Maximally_Interfered_Retrieval``,
