@@ -174,7 +174,7 @@ class OML(Method):
                         p.grad.clamp_(-self.clip, self.clip)
             opt.step()
             if step % 100 == 0:
-                self.meta_curve.append(float(loss))
+                self.meta_curve.append(float(loss.detach()))
         body.train(was)
         for p in body.parameters():
             p.requires_grad_(False)
