@@ -559,10 +559,10 @@ class Trainer:
             self.next_eval += every
         if ends_task:
             return
-        t0 = time.perf_counter()
+        before = self.clock.seconds["eval_s"]
         with self.clock("eval_s"):
             acc = self.evaluate()
-        self.anytime_s += time.perf_counter() - t0
+        self.anytime_s += self.clock.seconds["eval_s"] - before  # the clock's own seconds: part of eval_s
         self.curve.append({"samples": self.samples, "task": self.task, "acc": acc, "end": False})
         if self.loggers is not None:
             self.loggers.point(self.curve[-1])

@@ -57,7 +57,7 @@ def test_the_curve_changes_no_training_and_its_task_ends_are_the_rows_of_R(extra
                 "new_acc", "top5_acc", "anytime_eval_fraction"):
         assert key in m, key
     assert m["top5_acc"] >= m["acc"] and 0 < m["anytime_eval_fraction"] < 5
-    assert a["eval_s"] > 0 and run.timings["eval_s"] >= a["eval_s"]
+    assert 0 < a["eval_s"] <= run.timings["eval_s"] + 1e-9  # the periodic points' share of the evaluation time
 
 
 def test_without_eval_every_there_is_no_curve_and_the_hash_is_unchanged():
