@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from retain import scenarios
+from retain.checkpoint import Checkpointer
 from retain.data import make_synthetic
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -43,3 +45,17 @@ def mnist_dir() -> Path:
 def tiny_split(mode: str, n_tasks: int = 2, **kw):
     data = make_synthetic(n_classes=2 * n_tasks, n_train=32, n_test=16, dim=8, seed=0)
     return scenarios.split(data, mode, n_tasks=n_tasks, **kw)
+
+
+class Recording(Checkpointer):
+    """Keeps a copy of every checkpoint written, to resume from each of them afterwards."""
+
+    def __init__(self, path, every=None):
+        super().__init__(path, every)
+        self.copies: list[Path] = []
+
+    def save(self, state):
+        super().save(state)
+        copy = self.path.with_name(f"copy{len(self.copies)}.ckpt")
+        shutil.copy(self.path, copy)
+        self.copies.append(copy)

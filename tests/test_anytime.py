@@ -4,8 +4,6 @@ evaluating changes nothing about the training."""
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,21 +13,10 @@ from retain.checkpoint import Checkpointer
 from retain.cli import main
 from retain.store import Store
 
+from .conftest import Recording
+
 FAST = {"benchmark": "split-digits", "mode": "class", "n_tasks": 3, "hidden": (32,), "threads": 1}
 
-
-class Recording(Checkpointer):
-    """Keeps a copy of every checkpoint written, to resume from each of them afterwards."""
-
-    def __init__(self, path, every=None):
-        super().__init__(path, every)
-        self.copies: list[Path] = []
-
-    def save(self, state):
-        super().save(state)
-        copy = self.path.with_name(f"copy{len(self.copies)}.ckpt")
-        shutil.copy(self.path, copy)
-        self.copies.append(copy)
 
 
 @pytest.mark.parametrize("extra", [{"epochs": 2}, {"task_free": True}, {"task_free": True, "blurry": 0.3}])

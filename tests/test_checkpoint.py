@@ -6,12 +6,10 @@ import errno
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +18,8 @@ import retain
 from retain import checkpoint
 from retain.checkpoint import Checkpointer, CheckpointError
 from retain.store import Store
+
+from .conftest import Recording
 
 FAST = {"benchmark": "split-digits", "epochs": 2, "n_tasks": 3}
 
@@ -31,19 +31,6 @@ def fast(**extra):
         del kw["epochs"]
     return kw
 
-
-class Recording(Checkpointer):
-    """Keeps a copy of every checkpoint written, to resume from each of them afterwards."""
-
-    def __init__(self, path, every=None):
-        super().__init__(path, every)
-        self.copies: list[Path] = []
-
-    def save(self, state):
-        super().save(state)
-        copy = self.path.with_name(f"copy{len(self.copies)}.ckpt")
-        shutil.copy(self.path, copy)
-        self.copies.append(copy)
 
 
 @pytest.mark.parametrize("method,extra", [("er", {}), ("ewc", {}), ("er", {"task_free": True})])

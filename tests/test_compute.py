@@ -3,9 +3,6 @@ and compare's column."""
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -15,6 +12,8 @@ from retain.cli import main
 from retain.config import hashed, resolve
 from retain.errors import ConfigError
 from retain.scenarios import from_tensors
+
+from .conftest import Recording
 
 
 def _tiny(n=40, d=4, classes=4):
@@ -49,17 +48,6 @@ def test_boundary_work_is_counted_apart_from_the_steps():
                     epochs=1, count_flops=True, threads=1)
     assert er.compute["flops_per_step"] > 1200
 
-
-class Recording(Checkpointer):
-    def __init__(self, path, every=None):
-        super().__init__(path, every)
-        self.copies: list[Path] = []
-
-    def save(self, state):
-        super().save(state)
-        copy = self.path.with_name(f"copy{len(self.copies)}.ckpt")
-        shutil.copy(self.path, copy)
-        self.copies.append(copy)
 
 
 def test_a_resumed_run_counts_the_same_flops(tmp_path):
