@@ -187,11 +187,12 @@ def execute(run: Run, progress: Progress | None = None, checkpointer: Checkpoint
         warnings.append(scenario.info["unverified"])
     if world is not None and not world.main:
         return None
+    metrics, anytime = record_metrics(trained, scenario)
     result = Result(
         config=run.spec(),
         accuracy_matrix=trained.accuracy_matrix,
         baseline=trained.baseline,
-        metrics=record_metrics(trained, scenario),
+        metrics=metrics,
         timings=trained.timings,
         versions=versions(),
         warnings=warnings,
@@ -202,7 +203,7 @@ def execute(run: Run, progress: Progress | None = None, checkpointer: Checkpoint
         memory=run.method.memory(scenario).to_dict(),  # the samples it keeps, in the method's own words
         model={"class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters())},
         scenario=repr(scenario),
-        anytime=anytime_record(trained),
+        anytime=anytime,
         compute=trained.compute,
     )
     if loggers is not None:
@@ -210,27 +211,26 @@ def execute(run: Run, progress: Progress | None = None, checkpointer: Checkpoint
     return result
 
 
-def record_metrics(trained: Trained, scenario: Scenario) -> dict[str, float]:
-    """The record's metrics: those of R and b; in class-IL the final old/new-class and top-5 accuracy; with an
-    anytime curve its AAA, A_AUC, stability gap, min-ACC and WC-ACC."""
+def record_metrics(trained: Trained, scenario: Scenario) -> tuple[dict[str, float], dict[str, Any] | None]:
+    """The record's metrics and its anytime entry. Metrics: those of R and b; in class-IL the final old/new-class
+    and top-5 accuracy; with an anytime curve its AAA, A_AUC, stability gap, min-ACC and WC-ACC. The anytime entry:
+    the trainer's curve with the stability gap of each (switch, old task) pair."""
     m = all_metrics(trained.accuracy_matrix, trained.baseline)
     sizes = [len(task.test_idx) for task in scenario.tasks]
     if scenario.mode == "class":
         m.update(old_new_accuracy(trained.accuracy_matrix, sizes))
         if trained.top5:
             m["top5_acc"] = float(np.mean(trained.top5))
-    if trained.anytime is not None and trained.anytime["points"]:
-        m.update(anytime_metrics(trained.anytime["points"], trained.anytime["test_sizes"]))
-        if trained.timings.get("train_s"):
-            m["anytime_eval_fraction"] = trained.anytime["eval_s"] / trained.timings["train_s"]
-    return m
-
-
-def anytime_record(trained: Trained) -> dict[str, Any] | None:
-    if trained.anytime is None:
-        return None
-    pairs = stability_gap(trained.anytime["points"])["pairs"] if trained.anytime["points"] else []
-    return {**trained.anytime, "stability_gap": pairs}
+    a = trained.anytime
+    if a is None:
+        return m, None
+    if not a["points"]:
+        return m, {**a, "stability_gap": []}
+    gap = stability_gap(a["points"])
+    m.update(anytime_metrics(a["points"], a["test_sizes"], gap))
+    if trained.timings.get("train_s"):
+        m["anytime_eval_fraction"] = a["eval_s"] / trained.timings["train_s"]
+    return m, {**a, "stability_gap": gap["pairs"]}
 
 
 def _data_parallel(run: Run, progress: Progress | None, checkpointer: Checkpointer | None,

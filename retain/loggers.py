@@ -113,7 +113,6 @@ class _WandB:
         self.wandb = wandb
         self.run = wandb.init(mode="offline", dir=str(root), project="retain", name=name, config=config,
                               reinit="create_new")
-        self.step = 0
 
     def scalars(self, tag_values: dict[str, float], step: int) -> None:
         self.run.log({**tag_values, "step": step})

@@ -197,8 +197,9 @@ def stability_gap(points: list[dict], tolerance: float = 0.01) -> dict:
             "wc_acc": float(wc), "pairs": pairs}
 
 
-def anytime_metrics(points: list[dict], test_sizes: ArrayLike) -> dict[str, float]:
-    """The curve's summaries a record carries: ``aaa``, ``a_auc``, ``stability_gap``, ``min_acc``, ``wc_acc``."""
-    gap = stability_gap(points)
+def anytime_metrics(points: list[dict], test_sizes: ArrayLike, gap: dict | None = None) -> dict[str, float]:
+    """The curve's summaries a record carries: ``aaa``, ``a_auc``, ``stability_gap``, ``min_acc``, ``wc_acc``
+    (``gap``: :func:`stability_gap` of ``points``, when the caller has it already)."""
+    gap = stability_gap(points) if gap is None else gap
     return {"aaa": average_anytime_accuracy(points), "a_auc": area_under_accuracy(points, test_sizes),
             "stability_gap": gap["gap"], "min_acc": gap["min_acc"], "wc_acc": gap["wc_acc"]}

@@ -86,6 +86,21 @@ def imprint(ctx: Any, head: CosineHead, new: Tensor) -> None:
             head.weight[c * head.proxies:(c + 1) * head.proxies] = w
 
 
+def check_common(method: Method, who: str, non_negative: tuple[str, ...]) -> None:
+    """The checks LUCIR and PODNet share: the ``non_negative`` fields finite and >= 0, ``K`` and ``buffer_size`` at
+    least 1, ``ft_epochs`` >= 0."""
+    for name in non_negative:
+        v = getattr(method, name)
+        if not (v >= 0 and math.isfinite(v)):
+            raise ConfigError(f"{who}: {name} must be a finite number >= 0, got {v}")
+    if method.K < 1:
+        raise ConfigError(f"{who}: K must be at least 1, got {method.K}")
+    if method.buffer_size < 1:
+        raise ConfigError(f"{who}: buffer_size must be at least 1, got {method.buffer_size}")
+    if method.ft_epochs < 0:
+        raise ConfigError(f"{who}: ft_epochs must be >= 0, got {method.ft_epochs}")
+
+
 # ------------------------------------------------------------------------------------ the balanced finetuning
 
 def balanced_finetune(method: Method, ctx: Any, train: list[nn.Parameter], epochs: int, lr: float,
@@ -196,16 +211,7 @@ class LUCIR(Method):
     }
 
     def __post_init__(self) -> None:
-        for name in ("lambda_base", "lambda_mr", "margin", "ft_lr"):
-            v = getattr(self, name)
-            if not (v >= 0 and math.isfinite(v)):
-                raise ConfigError(f"lucir: {name} must be a finite number >= 0, got {v}")
-        if self.K < 1:
-            raise ConfigError(f"lucir: K must be at least 1, got {self.K}")
-        if self.buffer_size < 1:
-            raise ConfigError(f"lucir: buffer_size must be at least 1, got {self.buffer_size}")
-        if self.ft_epochs < 0:
-            raise ConfigError(f"lucir: ft_epochs must be >= 0, got {self.ft_epochs}")
+        check_common(self, "lucir", ("lambda_base", "lambda_mr", "margin", "ft_lr"))
         self.exemplars = Exemplars(self.buffer_size)
         self.old: nn.Module | None = None  # the model as the previous task left it (frozen)
         self.old_classes: Tensor | None = None  # bool [n_outputs]: classes of earlier tasks

@@ -12,9 +12,8 @@ from torch import Tensor, nn
 
 from retain.buffers import Exemplars
 from retain.context import masked
-from retain.errors import ConfigError
 from retain.method import Memory, Method, frozen_copy, param, register
-from retain.methods.lucir import CosineHead, balanced_finetune, install_head
+from retain.methods.lucir import CosineHead, balanced_finetune, check_common, install_head
 from retain.scenarios import Batch, TaskData
 
 
@@ -146,16 +145,7 @@ class PODNet(Method):
     }
 
     def __post_init__(self) -> None:
-        for name in ("lambda_c", "lambda_f", "margin", "ft_lr"):
-            v = getattr(self, name)
-            if not (v >= 0 and math.isfinite(v)):
-                raise ConfigError(f"podnet: {name} must be a finite number >= 0, got {v}")
-        if self.K < 1:
-            raise ConfigError(f"podnet: K must be at least 1, got {self.K}")
-        if self.buffer_size < 1:
-            raise ConfigError(f"podnet: buffer_size must be at least 1, got {self.buffer_size}")
-        if self.ft_epochs < 0:
-            raise ConfigError(f"podnet: ft_epochs must be >= 0, got {self.ft_epochs}")
+        check_common(self, "podnet", ("lambda_c", "lambda_f", "margin", "ft_lr"))
         self.exemplars = Exemplars(self.buffer_size)
         self.old: nn.Module | None = None  # the model as the previous task left it (frozen)
         self.factor = 0.0  # sqrt(N / T) of the current task
