@@ -167,6 +167,9 @@ def execute(run: Run, progress: Progress | None = None, checkpointer: Checkpoint
     if alone is not None:
         scenario = only_task(scenario, alone)
     model = run.build_model(scenario)
+    from retain import backbones
+
+    scenario, model, pretrained = backbones.prepare(run, scenario, model)
     cuda = torch.cuda.is_available() and resolve_device(run.config.device).type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -201,7 +204,7 @@ def execute(run: Run, progress: Progress | None = None, checkpointer: Checkpoint
         peak_memory_mb=peak_memory_mb(),
         gpu_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         memory=run.method.memory(scenario).to_dict(),  # the samples it keeps, in the method's own words
-        model={"class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters())},
+        model=model_entry(model, run.method, pretrained),
         scenario=repr(scenario),
         anytime=anytime,
         compute=trained.compute,
@@ -209,6 +212,25 @@ def execute(run: Run, progress: Progress | None = None, checkpointer: Checkpoint
     if loggers is not None:
         loggers.finish(result.to_dict())
     return result
+
+
+def model_entry(model: torch.nn.Module, method: Any, pretrained: dict[str, Any] | None) -> dict[str, Any]:
+    """The record's ``model``: its class, parameters (a cached backbone's counted in), how many of them the
+    optimizer trains (the method's own modules, prompts or generators, included), and for a pre-trained backbone
+    its weights, freezing and feature cache (:func:`retain.backbones.prepare`)."""
+    from retain.method import flat_parameters
+
+    n = sum(p.numel() for p in model.parameters())
+    own = {id(p) for p in model.parameters()}
+    trained = flat_parameters(method.parameters(model))
+    entry: dict[str, Any] = {"class": type(model).__name__, "parameters": n,
+                             "trainable": sum(p.numel() for p in trained if p.requires_grad),
+                             "method_parameters": sum(p.numel() for p in trained if id(p) not in own)}
+    if pretrained is not None:
+        if pretrained.get("feature_cache", {}).get("used"):
+            entry["class"], entry["parameters"] = "Pretrained", n + pretrained["backbone_parameters"]
+        entry.update(pretrained)
+    return entry
 
 
 def record_metrics(trained: Trained, scenario: Scenario) -> tuple[dict[str, float], dict[str, Any] | None]:

@@ -106,8 +106,20 @@ class RunConfig:
                                     "over the method's preset", group="run", metavar="NAME=VALUE")
     seed: int = option(0, "random seed (default 0)", check=_seed, group="run")
     n_tasks: int | None = option(None, "number of tasks (default: the benchmark's)", check=_at_least(1))
-    arch: str | None = option(None, "model: " + ", ".join(ARCHS) + " (default: the benchmark's; see docs/vision.md)",
+    arch: str | None = option(None, "model: " + ", ".join(ARCHS) + ", or timm:NAME[,key=value...] for a pre-trained "
+                              "backbone (default: the benchmark's; see docs/vision.md, docs/pretrained.md)",
                               choices=ARCHS, aliases=("--model",), metavar="NAME")
+    weights: str | None = option(None, "pre-trained weights for --model: a .safetensors, .pth or .npz file (default "
+                                 "for timm:NAME: timm's local cache; never downloaded without --download)",
+                                 hash="unless-default", metavar="PATH")
+    freeze: str = option("auto", "freeze the pre-trained backbone: all, none, N (its first N blocks) or "
+                         "parameter-name prefixes a,b; auto (the default): what the method requires, else none",
+                         check=lambda v: None if v.strip() else "must be auto, all, none, N or name prefixes",
+                         hash="unless-default", neutral=("auto",), metavar="WHAT")
+    feature_cache: str = option("auto", "auto: a frozen backbone's features are computed once and cached (when the "
+                                "method reads only features and nothing augments the inputs); off: through the "
+                                "backbone at every step", choices=("auto", "off"), hash="never",
+                                metavar="auto|off")
     hidden: tuple[int, ...] | None = option(None, "MLP hidden sizes, e.g. 400,400", check=_hidden, metavar="SIZES")
     init: str = option("default", "weight initialisation: default (PyTorch's), xavier (Mammoth's: Glorot-uniform "
                        "weights and zero biases in every linear layer), agem (the A-GEM authors': truncated normal, "
@@ -182,7 +194,8 @@ class RunConfig:
                                  group="run", metavar="DIR")
     data_dir: str | None = option(None, "folder with the dataset files (else $RETAIN_DATA, ~/.cache/retain, ...)",
                                   hash="never", group="data", metavar="DIR")
-    download: bool = option(False, "fetch missing data from the canonical mirrors", hash="never", group="data")
+    download: bool = option(False, "fetch missing data from the canonical mirrors (and a timm:NAME model's weights "
+                            "from the Hugging Face hub)", hash="never", group="data")
 
     def resolved(self) -> RunConfig:
         """A copy with every default filled in and everything checked (see :func:`resolve`)."""
@@ -321,7 +334,8 @@ def coerce(name: str, value: Any, where: str = "") -> Any:
         if not nums or len(nums) != 2 or any(n is None for n in nums):
             raise bad("two comma-separated numbers like 0.1,0.2752")
         out = (float(nums[0]), float(nums[1]))
-    if o.choices and k != "strs" and out not in o.choices and not (name == "arch" and str(out).startswith("custom:")):
+    own = name == "arch" and str(out).startswith(("custom:", "timm:"))
+    if o.choices and k != "strs" and out not in o.choices and not own:
         # ("custom:Class" is what a run with the user's own model records as its arch)
         raise ConfigError(f"{prefix}unknown {name} {out!r}; choose one of {', '.join(o.choices)}")
     problem = o.check(out) if o.check else None
@@ -539,6 +553,14 @@ class Run:
 
         torch.manual_seed(self.config.seed)
         c = self.config
+        if self.model is None and (c.weights is not None or (c.arch or "").startswith("timm:")):
+            from retain import backbones
+
+            model, info = backbones.build(c.arch, c.weights, c.download, scenario.input_shape, scenario.n_outputs,
+                                          c.hidden)
+            initialise(model.head, c.init)
+            model.pretrained = info  # the record's model.weights (retain.api)
+            return model
         model = self.model if self.model is not None else build_model(c.arch, scenario.input_shape,
                                                                       scenario.n_outputs, c.hidden)
         return initialise(model, c.init)
@@ -605,6 +627,9 @@ def resolve(config: RunConfig | dict[str, Any] | None = None, *, scenario: Any =
         c.benchmark, c.mode, c.n_tasks = scenario.name, scenario.mode, scenario.n_tasks
     if model is not None and (c.hidden is not None or (c.arch is not None and not c.arch.startswith("custom:"))):
         raise ConfigError("--arch / --hidden build retain's own model, but a model was given: drop them")
+    if model is not None and c.weights is not None:
+        raise ConfigError("--weights loads into retain's own or a timm model, but a model was given: load your "
+                          "weights into it yourself, or drop the model")
     if model is not None:
         c.arch = f"custom:{type(model).__name__}"
     if scenario is None:  # a protocol's per-method training values (the preset's lr...), under the user's
@@ -632,6 +657,7 @@ def resolve(config: RunConfig | dict[str, Any] | None = None, *, scenario: Any =
         raise ConfigError(f"--si-blurry is a class-incremental stream; use --mode class (not {c.mode})")
     check_pairing(method, c.mode, c.task_free, c.all_outputs)
     _check_step(method, c)
+    _check_pretrained(method, c, model)
     if c.log:
         from retain.loggers import check_available
 
@@ -648,6 +674,31 @@ def resolve(config: RunConfig | dict[str, Any] | None = None, *, scenario: Any =
 
     resolve_device(c.device)
     return Run(c, method, scenario, model)
+
+
+def _check_pretrained(method: Any, c: RunConfig, model: Any) -> None:
+    """The pre-trained backbone's options: the model spelled right, weights found, a freeze the method allows."""
+    from retain import backbones
+
+    if backbones.is_timm(c.arch):
+        backbones.vit_config(backbones.parse_spec(c.arch))  # a malformed name or override fails here
+        if c.hidden is not None:
+            raise ConfigError(f"--hidden sets an MLP's layers; --model {c.arch} has none: drop --hidden")
+    if backbones.is_timm(c.arch) or c.weights is not None:
+        backbones.locate_weights(c.arch, c.weights, c.download)
+        if c.normalize is not None:
+            raise ConfigError("--normalize: a pre-trained backbone normalises its inputs as its weights were trained "
+                              "(the record's model.weights.preprocess); drop --normalize")
+    elif c.freeze not in ("auto", "none"):
+        raise ConfigError(f"--freeze {c.freeze} freezes a pre-trained backbone: add --weights PATH (or --model "
+                          "timm:NAME), or drop --freeze")
+    need = getattr(method, "freeze", None)
+    if need is not None and c.freeze not in ("auto", need):
+        raise ConfigError(f"{method.name} needs --freeze {need} (it never trains the backbone), got --freeze "
+                          f"{c.freeze}: drop --freeze")
+    if need is not None and not (backbones.is_timm(c.arch) or c.weights is not None or model is not None):
+        raise ConfigError(f"{method.name} learns on a pre-trained backbone: add --model timm:NAME --weights PATH "
+                          "(or --weights PATH for retain's own model); see docs/pretrained.md")
 
 
 def _check_step(method: Any, c: RunConfig) -> None:

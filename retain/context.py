@@ -103,8 +103,10 @@ class Context:
             loss.backward()
         if self.world is not None:
             from retain import distributed  # distributed: the mean gradient over every process's rows
+            from retain.method import flat_parameters
 
-            loss = distributed.all_reduce_gradients(self.method.parameters(self.model), self.world, n_rows, loss)
+            loss = distributed.all_reduce_gradients(flat_parameters(self.method.parameters(self.model)), self.world,
+                                                    n_rows, loss)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         return loss.detach()

@@ -19,8 +19,12 @@ hook                                   contract
 =====================================  =====================================================================
 
 Class attributes: ``modes`` (the scenario modes supported), ``needs_boundaries`` (True if the method cannot run
-on a task-free stream), ``presets`` (tuned hyper-parameters per ``"benchmark/mode"``, applied by default; a
-preset may also set the run's ``lr``, ``momentum``, ``batch_size`` or ``optimizer``, see :data:`PRESET_TRAINING`).
+on a task-free stream), ``freeze`` (``"all"`` for a method that never trains a pre-trained backbone: the run
+freezes it, and refuses another ``--freeze``), ``reads_backbone`` (True for a method that runs the backbone itself,
+with prompts, prefixes or adapters, through ``model.features.tokens`` / ``.backbone``: its inputs are then never
+replaced by cached features, see :mod:`retain.backbones`), ``presets`` (tuned hyper-parameters per
+``"benchmark/mode"``, applied by default; a preset may also set the run's ``lr``, ``momentum``, ``batch_size`` or
+``optimizer``, see :data:`PRESET_TRAINING`).
 A misspelled hook (``end_tsak``, ``penalti``) is an error at class creation, not a silently ignored method.
 
 Where methods come from (:func:`method_class` parses every name): the modules of :mod:`retain.methods`, the
@@ -102,6 +106,8 @@ class Method:
     modes: ClassVar[tuple[str, ...]] = MODES
     needs_boundaries: ClassVar[bool] = False
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    freeze: ClassVar[str | None] = None
+    reads_backbone: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -167,8 +173,10 @@ class Method:
         """The hyper-parameters by their public names (``lambda_`` -> ``lambda``)."""
         return {public_name(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
 
-    def parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
-        """What the optimizer trains (a method that adds modules of its own, e.g. a generator, extends this)."""
+    def parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter] | list[dict[str, Any]]:
+        """What the optimizer trains (a method that adds modules of its own, e.g. a generator, extends this): the
+        parameters, or torch's parameter groups ``[{"params": [...], "lr": ...}, ...]`` for parts trained at
+        learning rates of their own (SLCA's slow backbone)."""
         return [p for p in model.parameters() if p.requires_grad]
 
     def memory(self, scenario: Any) -> Memory:
@@ -190,6 +198,11 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         vars(self).update(state)
+
+
+def flat_parameters(params: list[Any]) -> list[torch.nn.Parameter]:
+    """The parameters of what :meth:`Method.parameters` returns (a list, or parameter groups)."""
+    return [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,6 +288,8 @@ class Compose(Method):
                     seen[f] = part.__name__
             cls.modes = tuple(m for m in MODES if all(m in p.modes for p in cls.parts))
             cls.needs_boundaries = any(p.needs_boundaries for p in cls.parts)
+            cls.freeze = next((p.freeze for p in cls.parts if p.freeze is not None), None)
+            cls.reads_backbone = any(p.reads_backbone for p in cls.parts)
 
     @property
     def modes(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -283,6 +298,14 @@ class Compose(Method):
     @property
     def needs_boundaries(self) -> bool:  # type: ignore[override]
         return any(x.needs_boundaries for x in self.methods)
+
+    @property
+    def freeze(self) -> str | None:  # type: ignore[override]
+        return next((x.freeze for x in self.methods if x.freeze is not None), None)
+
+    @property
+    def reads_backbone(self) -> bool:  # type: ignore[override]
+        return any(x.reads_backbone for x in self.methods)
 
     def begin_task(self, ctx: Any) -> None:
         for m in self.methods:
@@ -326,14 +349,19 @@ class Compose(Method):
     def memory(self, scenario: Any) -> Memory:
         return sum((m.memory(scenario) for m in self.methods), Memory(0, 0))
 
-    def parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
-        seen, out = set(), []
+    def parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter] | list[dict[str, Any]]:
+        seen: set[int] = set()
+        groups: list[dict[str, Any]] = []
         for m in self.methods:
-            for p in m.parameters(model):
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    out.append(p)
-        return out
+            for g in m.parameters(model):
+                g = g if isinstance(g, dict) else {"params": [g]}
+                fresh = [p for p in g["params"] if id(p) not in seen]
+                seen.update(id(p) for p in fresh)
+                if fresh:
+                    groups.append({**g, "params": fresh})
+        if all(len(g) == 1 for g in groups):  # no part asked for options of its own: a plain list
+            return [p for g in groups for p in g["params"]]
+        return groups
 
     def state_dict(self) -> dict[str, Any]:
         return {"parts": [m.state_dict() for m in self.methods]}

@@ -92,7 +92,8 @@ def test_the_record_names_the_users_model_and_scenario(synthetic):
     sc = scenarios.split(synthetic, "class", n_tasks=2)
     model = MLP(8, 4, (8,))
     r = retain.run(scenario=sc, model=model, method="er", params={"buffer_size": 12}, epochs=1)
-    assert r.model == {"class": "MLP", "parameters": sum(p.numel() for p in model.parameters())}
+    n = sum(p.numel() for p in model.parameters())
+    assert r.model == {"class": "MLP", "parameters": n, "trainable": n, "method_parameters": 0}
     assert r.config["arch"] == "custom:MLP" and r.config["hidden"] is None
     assert r.config["params"]["buffer_size"] == 12 and r.memory["rows"] == 12
     assert r.scenario.startswith("Scenario('split-synthetic', class-IL, 2 tasks {0,1} {2,3}")
