@@ -186,6 +186,9 @@ def execute(run: Run, progress: Progress | None = None, checkpointer: Checkpoint
             loggers.close()
         raise
     warnings = list(trained.warnings)
+    timings = dict(trained.timings)
+    if pretrained is not None and pretrained["feature_cache"].get("used"):  # features computed (or read) once
+        timings["features_s"] = pretrained["feature_cache"]["seconds"]
     if scenario.info.get("unverified"):  # data files matching no published checksum (retain.data)
         warnings.append(scenario.info["unverified"])
     if world is not None and not world.main:
@@ -196,7 +199,7 @@ def execute(run: Run, progress: Progress | None = None, checkpointer: Checkpoint
         accuracy_matrix=trained.accuracy_matrix,
         baseline=trained.baseline,
         metrics=metrics,
-        timings=trained.timings,
+        timings=timings,
         versions=versions(),
         warnings=warnings,
         val_matrix=trained.val_matrix,
@@ -204,7 +207,7 @@ def execute(run: Run, progress: Progress | None = None, checkpointer: Checkpoint
         peak_memory_mb=peak_memory_mb(),
         gpu_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         memory=run.method.memory(scenario).to_dict(),  # the samples it keeps, in the method's own words
-        model=model_entry(model, run.method, pretrained),
+        model=model_entry(model, run.method, pretrained, trained.trainable),
         scenario=repr(scenario),
         anytime=anytime,
         compute=trained.compute,
@@ -214,17 +217,19 @@ def execute(run: Run, progress: Progress | None = None, checkpointer: Checkpoint
     return result
 
 
-def model_entry(model: torch.nn.Module, method: Any, pretrained: dict[str, Any] | None) -> dict[str, Any]:
-    """The record's ``model``: its class, parameters (a cached backbone's counted in), how many of them the
-    optimizer trains (the method's own modules, prompts or generators, included), and for a pre-trained backbone
-    its weights, freezing and feature cache (:func:`retain.backbones.prepare`)."""
+def model_entry(model: torch.nn.Module, method: Any, pretrained: dict[str, Any] | None, trainable: int = 0
+                ) -> dict[str, Any]:
+    """The record's ``model``: its class, parameters (a cached backbone's counted in), ``trainable``: the most
+    parameters any task's optimizer trained (the method's own modules, prompts or generators, included; 0 for a
+    method that takes no step), ``method_parameters``: those of the method's own modules now, and for a
+    pre-trained backbone its weights, freezing and feature cache (:func:`retain.backbones.prepare`)."""
     from retain.method import flat_parameters
 
     n = sum(p.numel() for p in model.parameters())
     own = {id(p) for p in model.parameters()}
     trained = flat_parameters(method.parameters(model))
     entry: dict[str, Any] = {"class": type(model).__name__, "parameters": n,
-                             "trainable": sum(p.numel() for p in trained if p.requires_grad),
+                             "trainable": trainable,
                              "method_parameters": sum(p.numel() for p in trained if id(p) not in own)}
     if pretrained is not None:
         if pretrained.get("feature_cache", {}).get("used"):

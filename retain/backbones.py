@@ -479,55 +479,74 @@ def _data_hash(*tensors: Any) -> str:
 
 
 @torch.no_grad()
-def _features(encoder: nn.Module, scenario: Any, xs: Any, device: torch.device, chunk: int) -> Tensor:
+def _features(encoder: nn.Module, scenario: Any, xs: Any, rows: Tensor, device: torch.device, chunk: int) -> Tensor:
+    """The encoder's features of ``xs[rows]``, a chunk at a time."""
     from retain.images import DiskArray
 
     out = []
-    for i in range(0, len(xs), chunk):
-        idx = torch.arange(i, min(i + chunk, len(xs)))
-        x = xs.gather(idx, device) if isinstance(xs, DiskArray) else xs[idx].to(device)
+    for i in range(0, len(rows), chunk):
+        idx = rows[i:i + chunk]
+        x = xs.gather(idx, device) if isinstance(xs, DiskArray) else xs[idx.to(xs.device)].to(device)
         out.append(encoder(scenario.prepare(x, 0)).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, encoder.dim)
 
 
+def _rows(scenario: Any, split: str) -> Tensor:
+    """The rows of ``split`` that some task uses (a reduced scenario reads few of the stored ones)."""
+    parts = ([t.train_idx for t in scenario.tasks] + [t.val_idx for t in scenario.tasks] if split == "train"
+             else [t.test_idx for t in scenario.tasks])
+    parts = [p.reshape(-1).cpu().long() for p in parts if p is not None and p.numel()]
+    return torch.unique(torch.cat(parts)) if parts else torch.zeros(0, dtype=torch.long)
+
+
 def cache_features(scenario: Any, model: Pretrained, weights_sha: str, model_name: str, device: torch.device,
                    chunk: int = 500) -> tuple[Any, CachedFeatures, dict[str, Any]]:
-    """The scenario with its inputs replaced by the frozen backbone's features (computed once, then read from
-    the cache), the head-only model, and the record's ``feature_cache`` entry."""
+    """The scenario with its inputs replaced by the frozen backbone's features (computed once for the rows the
+    tasks use, then read from the cache; other rows are zeros no task reads), the head-only model, and the
+    record's ``feature_cache`` entry."""
     from retain.data import cache_dir
 
     enc = model.features
+    rows = {"train": _rows(scenario, "train"), "test": _rows(scenario, "test") if scenario.x_test is not None
+            else torch.zeros(0, dtype=torch.long)}
     key = hashlib.sha256(json.dumps({
         "weights": weights_sha, "model": model_name, "img_size": enc.img_size, "in_chans": enc.in_chans,
         "mean": enc.mean.flatten().tolist() if enc.normalise else None,
         "std": enc.std.flatten().tolist() if enc.normalise else None,
-        "data": _data_hash(scenario.x_train, scenario.x_test)}, sort_keys=True).encode()).hexdigest()
+        "data": _data_hash(scenario.x_train, scenario.x_test, rows["train"], rows["test"])},
+        sort_keys=True).encode()).hexdigest()
     path = cache_dir() / "features" / f"{key[:32]}.pt"
     start = time.perf_counter()
-    hit = path.is_file()
     stored = None
-    if hit:
+    if path.is_file():
         try:
             stored = torch.load(path, map_location="cpu", weights_only=True)
         except Exception:  # a damaged file is rebuilt
-            hit, stored = False, None
+            stored = None
+    hit = stored is not None
     if stored is None:
         was = enc.training
         enc.eval().to(device)
-        stored = {"train": _features(enc, scenario, scenario.x_train, device, chunk),
-                  "test": None if scenario.x_test is None else _features(enc, scenario, scenario.x_test, device,
-                                                                         chunk)}
+        stored = {split: _features(enc, scenario, scenario.x_train if split == "train" else scenario.x_test, idx,
+                                   device, chunk) for split, idx in rows.items()}
         enc.train(was)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         torch.save(stored, tmp)
         os.replace(tmp, path)
     target = scenario.y_train.device
-    cached = dataclasses.replace(scenario, x_train=stored["train"].to(target),
-                                 x_test=None if stored["test"] is None else stored["test"].to(target),
-                                 info={**scenario.info, "features": model_name})
+
+    def full(split: str, n: int) -> Tensor:
+        out = torch.zeros(n, enc.dim)
+        out[rows[split]] = stored[split]
+        return out.to(target)
+
+    cached = dataclasses.replace(
+        scenario, x_train=full("train", len(scenario.y_train)),
+        x_test=None if scenario.x_test is None else full("test", len(scenario.y_test)),
+        info={**scenario.info, "features": model_name})
     entry = {"used": True, "hit": hit, "seconds": time.perf_counter() - start, "path": str(path),
-             "dim": int(stored["train"].shape[1])}
+             "dim": int(enc.dim), "rows": int(len(rows["train"]) + len(rows["test"]))}
     return cached, CachedFeatures(model.head), entry
 
 
@@ -535,12 +554,14 @@ def prepare(run: Any, scenario: Any, model: nn.Module) -> tuple[Any, nn.Module, 
     """A run's pre-trained model made ready: the scenario's pixels left in [0, 1] (the weights normalise them),
     the backbone frozen as the method and ``--freeze`` say, and its features cached where that is exact.
     Returns the scenario and model to train and the record's entries (None for a model without weights)."""
-    info = getattr(model, "pretrained", None)
-    if info is None:
-        return scenario, model, None
     c, method = run.config, run.method
-    scenario = dataclasses.replace(scenario, mean=(0.0,), std=(1.0,))
     how = method.freeze or (c.freeze if c.freeze != "auto" else "none")
+    info = getattr(model, "pretrained", None)
+    if info is None:  # the user's own model (the API): frozen as the method requires, nothing cached
+        if how != "none":
+            freeze(model, how)
+        return scenario, model, None
+    scenario = dataclasses.replace(scenario, mean=(0.0,), std=(1.0,))
     frozen = freeze(model, how)
     total = sum(p.numel() for p in model.features.parameters())
     entry: dict[str, Any] = {"weights": info, "freeze": how, "backbone_parameters": total,

@@ -61,6 +61,12 @@ _CIFAR100_NORM = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))  # Mammoth
 _PRETRAINED_STYLE = {"arch": "resnet18", "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "batch_size": 24,
                      "epochs": 20, "augment": "rrc-flip"}
 
+# the pre-trained-model papers' CIFAR-100: timm's ImageNet-21k ViT-B/16 (weights from the user: --weights or timm's
+# cache), images resized to 224 by the backbone's encoder, random-resized-crop and flip; each method's preset sets
+# its optimizer, learning rate and batch size (PILOT's exps/*.json)
+_PRETRAINED_VIT = {"arch": "timm:vit_base_patch16_224.augreg_in21k", "optimizer": "sgd", "lr": 0.01, "momentum": 0.9,
+                   "batch_size": 48, "epochs": 20, "augment": "rrc-flip"}
+
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
     Benchmark("split-digits", "digits", "split", 5, "class",
               {"arch": "mlp", "hidden": (100, 100), "optimizer": "adam", "lr": 1e-3, "batch_size": 32,
@@ -95,6 +101,10 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
               "CIFAR-100 B50-Inc10: 50 classes, then 5 tasks of 10 (--n-tasks 11: of 5), in iCaRL's seed-1993 "
               "order; ResNet-32, SGD 0.1 momentum 0.9, batch 128, 160 epochs (PODNet, Douillard et al. 2020; LUCIR)",
               order="rs1993", first=50, norm=_CIFAR100_NORM),
+    Benchmark("cifar100-b0inc10", "cifar100", "split", 10, "class", _PRETRAINED_VIT,
+              "CIFAR-100, 10 x 10 in iCaRL's seed-1993 order: B0 Inc10 of the pre-trained-model papers (L2P, "
+              "DualPrompt, CODA-Prompt, SLCA, APER, RanPAC; PILOT's cifar224) at 224x224 on a ViT-B/16: pass "
+              "--weights (docs/pretrained.md)", order="rs1993"),
     Benchmark("seq-tinyimagenet", "tinyimagenet", "split", 10, "class", {**_DER, "epochs": 100},
               "Tiny-ImageNet, 200 classes of 64x64, 10 x 20 in label order (sorted wnids); ResNet-18 (CIFAR stem), "
               "SGD, batch 32, 100 epochs, crop-flip (DER; Mammoth's seq-tinyimg)"),

@@ -681,7 +681,10 @@ def _check_pretrained(method: Any, c: RunConfig, model: Any) -> None:
     from retain import backbones
 
     if backbones.is_timm(c.arch):
-        backbones.vit_config(backbones.parse_spec(c.arch))  # a malformed name or override fails here
+        spec = backbones.parse_spec(c.arch)
+        if backbones.vit_config(spec) is None and backbones.timm_version() is None:  # (a malformed name fails here)
+            raise ConfigError(f"--model {c.arch}: retain builds {', '.join(backbones.TIMM_VITS)} itself; other timm "
+                              "models need timm: pip install 'retain[timm]'")
         if c.hidden is not None:
             raise ConfigError(f"--hidden sets an MLP's layers; --model {c.arch} has none: drop --hidden")
     if backbones.is_timm(c.arch) or c.weights is not None:

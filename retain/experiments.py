@@ -35,11 +35,12 @@ CLASSIC = ("finetune", "ewc", "er", "agem")  # the README's first comparison
 # show the method's own memory instead.
 METRICS = ("acc", "bwt", "fwt", "forgetting", "memory_rows", "memory_mb", "train_s")
 HIGHER_IS_BETTER = {"acc": True, "bwt": True, "fwt": True, "forgetting": False, "train_s": False,
-                    "peak_mb": False, "val_acc": True, "memory_rows": False, "memory_mb": False, "gflops": False}
+                    "peak_mb": False, "val_acc": True, "memory_rows": False, "memory_mb": False, "gflops": False,
+                    "avg_inc": True, "trainable": False}
 LABELS = {"acc": "ACC %", "bwt": "BWT", "fwt": "FWT", "forgetting": "forgetting", "train_s": "train s",
           "peak_mb": "peak MB", "val_acc": "val ACC %", "memory_rows": "memory rows", "memory_mb": "memory MB",
-          "gflops": "train GFLOPs"}
-PERCENT = ("acc", "bwt", "fwt", "forgetting", "val_acc")
+          "gflops": "train GFLOPs", "avg_inc": "Ā %", "trainable": "trainable params"}
+PERCENT = ("acc", "bwt", "fwt", "forgetting", "val_acc", "avg_inc")
 
 
 # ------------------------------------------------------------------------------------------------ methods
@@ -245,6 +246,8 @@ def record_values(rec: dict[str, Any]) -> dict[str, float]:
     out["memory_mb"] = memory.get("bytes", math.nan) / 2**20
     compute = rec.get("compute") or {}
     out["gflops"] = compute.get("train_flops", math.nan) / 1e9  # --count-flops runs
+    out["avg_inc"] = m.get("avg_incremental_acc", math.nan)
+    out["trainable"] = float((rec.get("model") or {}).get("trainable", math.nan))
     if rec.get("val_matrix"):
         V = np.asarray(rec["val_matrix"], dtype=float)
         out["val_acc"] = float(np.nanmean(V[-1]))
@@ -318,7 +321,7 @@ def format_table(rows: list[dict[str, Any]], keys: Sequence[str], metrics: Seque
                 cells.append("—")
                 continue
             scale = 100 if m in PERCENT else 1
-            digits = 2 if m in PERCENT else {"peak_mb": 1, "memory_rows": 0, "memory_mb": 2}.get(m, 2)
+            digits = 2 if m in PERCENT else {"peak_mb": 1, "memory_rows": 0, "memory_mb": 2, "trainable": 0}.get(m, 2)
             text = f"{mean * scale:.{digits}f}" + (f" {pm.split()[0]} {spread * scale:.{digits}f}" if n > 1 else "")
             g = row.get(within) if within else None
             if mark_best and best.get((g, m)) == mean and len(rows) > 1:
@@ -377,6 +380,8 @@ def _benchmark_mode(base: Any) -> str:
 def compare_table(records: list[dict[str, Any]], interval: str = "std") -> str:
     """The comparison table, then each method's hyper-parameters as they ran (presets included)."""
     metrics = METRICS + (("gflops",) if any(r.get("compute") for r in records) else ())
+    if any((r.get("model") or {}).get("weights") for r in records):  # pre-trained backbones: what each trains
+        metrics += ("avg_inc", "trainable")
     rows = summarize(records, ("mode", "method"), metrics, interval=interval)
     table = format_table(rows, ("mode", "method"), metrics, interval=interval, within="mode")
     params: dict[str, dict[str, Any]] = {}

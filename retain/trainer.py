@@ -163,6 +163,7 @@ class Trained:
     top5: list[float] | None = None  # class-IL: the final model's top-5 accuracy on each task
     anytime: dict[str, Any] | None = None  # --eval-every: {"every", "test_sizes", "points", "eval_s"}
     compute: dict[str, Any] | None = None  # --count-flops: the counted FLOPs of the steps and the task boundaries
+    trainable: int = 0  # the most parameters (elements) any task's optimizer trained
 
 
 Progress = Callable[[int, int, int, float], None]  # (task, step within task, steps in task, loss)
@@ -407,6 +408,7 @@ class Trainer:
         self.samples, self.next_eval, self.anytime_s = 0, config.eval_every, 0.0
         self.curve: list[dict[str, Any]] | None = [] if config.eval_every else None
         self.flops = Flops() if config.count_flops else None
+        self.trainable = 0
         self.clock, self.losses, self.drawn = Clock(self.device), Losses(self.device), 0.0
         self.loggers = loggers  # retain.loggers.Loggers, or None
         if loggers is not None:
@@ -435,7 +437,7 @@ class Trainer:
             anytime = {"every": self.config.eval_every, "test_sizes": sizes, "points": self.curve,
                        "eval_s": self.anytime_s}
         return Trained(self.R, self.baseline, dict(self.clock.seconds), list(self.ctx.warnings), self.V, self.R_task,
-                       self.top5, anytime, self.flops.record() if self.flops is not None else None)
+                       self.top5, anytime, self.flops.record() if self.flops is not None else None, self.trainable)
 
     def counted(self, step: bool) -> Any:
         """Count the FLOPs of the block (``--count-flops``), as a step or as boundary work; else nothing."""
@@ -472,6 +474,7 @@ class Trainer:
         ctx, c = self.ctx, self.config
         if ctx.optimizer is None:
             ctx.optimizer = ctx.make_optimizer()
+            self.count_trainable()
         stream = list(self.view.stream(c.batch_size, torch.Generator().manual_seed(c.seed), c.blurry, c.epochs))
         last_task = torch.stack([t[-1] for _, t, _ in stream]).tolist()  # read once, not once per step
         rows = sum(not math.isnan(row[0]) for row in self.R)  # rows filled (before a resume)
@@ -501,10 +504,17 @@ class Trainer:
         carry = None if self.config.reset_optimizer else self.carried()
         self.method.begin_task(ctx)
         ctx.optimizer = ctx.make_optimizer()
+        self.count_trainable()
         if carry:
             carry_states(ctx.model, ctx.optimizer, carry)
         self.carry, self.task_step = None, 0
         self.data = self.method.task_data(ctx, self.view.task_data(task))
+
+    def count_trainable(self) -> None:
+        """Keep the largest number of parameters an optimizer of this run trains (the record's ``trainable``: APER
+        trains its adapter on the first task only, the prompt methods grow their pools)."""
+        n = sum(p.numel() for g in self.ctx.optimizer.param_groups for p in g["params"] if p.requires_grad)
+        self.trainable = max(self.trainable, n)
 
     def carried(self) -> dict[str, dict]:
         """The optimizer's state by parameter name: what the next task's optimizer starts from."""
@@ -626,7 +636,7 @@ class Trainer:
                 "seen": ctx.seen, "data": self.data, "rng": _rng_state(ctx.rng), "R": self.R, "V": self.V,
                 "R_task": self.R_task, "top5": self.top5,
                 "anytime": {"samples": self.samples, "next": self.next_eval, "curve": self.curve, "s": self.anytime_s},
-                "flops": self.flops,
+                "flops": self.flops, "trainable": self.trainable,
                 "baseline": self.baseline, "timings": dict(self.clock.seconds), "warnings": list(ctx.warnings)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -650,6 +660,7 @@ class Trainer:
             self.top5 = state["top5"]
         if self.flops is not None and state.get("flops") is not None:
             self.flops = state["flops"]
+        self.trainable = state.get("trainable", 0)
         anytime = state.get("anytime") or {}
         self.samples = anytime.get("samples", 0)
         if self.curve is not None and anytime.get("curve") is not None:  # a run that recorded its curve before

@@ -282,3 +282,33 @@ def test_encoder_resizes_and_repeats_grey_images():
     up = F.interpolate(x.expand(-1, 3, -1, -1), size=(16, 16), mode="bilinear", align_corners=False)
     ref = (up - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / 0.2
     assert torch.allclose(model.features.prepare(x), ref, atol=1e-6)
+
+
+def test_compare_shows_what_each_method_trains_on_a_pretrained_backbone(tiny_weights, tmp_path, capsys,
+                                                                        monkeypatch):
+    path, _ = tiny_weights
+    monkeypatch.chdir(tmp_path)
+    code = main(["compare", "--benchmark", "split-digits", "--mode", "class", "--methods", "finetune", "--seeds", "1",
+                 "--model", TINY, "--weights", str(path), "--freeze", "all", "--epochs", "1", "--store",
+                 str(tmp_path / "s.db")])
+    out = capsys.readouterr().out
+    assert code == 0
+    table = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("|")]
+    header, row = table[0], table[2]
+    assert row[header.index("method")] == "finetune"
+    assert row[header.index("trainable params")] == "170"  # the head only: 16 x 10 + 10
+    assert 0 < float(row[header.index("Ā %")]) <= 100
+
+
+def test_a_timm_model_retain_does_not_build_needs_timm_and_download_needs_the_hub(tiny_weights, monkeypatch,
+                                                                                    tmp_path):
+    import sys
+
+    path, _ = tiny_weights
+    monkeypatch.setitem(sys.modules, "timm", None)  # timm absent (as beside the CPU torch of CI)
+    with pytest.raises(ConfigError, match=r"other timm models need timm: pip install 'retain\[timm\]'"):
+        retain.resolve(benchmark="split-digits", arch="timm:resnet50", weights=str(path))
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match=r"--download of timm weights needs huggingface_hub"):
+        retain.resolve(benchmark="split-digits", arch="timm:vit_small_patch16_224", download=True)
