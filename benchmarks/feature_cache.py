@@ -35,13 +35,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     common = dict(benchmark=a.benchmark, data_dir=a.data_dir, mode="class", arch=a.model, weights=a.weights,
-                  method=a.method, epochs=a.epochs, threads=a.threads, train_per_class=a.train_per_class)
+                  method=a.method, epochs=a.epochs, threads=a.threads, train_per_class=a.train_per_class,
+                  freeze="all")
     run = retain.resolve(**common)
     # a cold start: this run's cache file removed first (others are left alone)
     from retain.backbones import prepare
 
     sc = run.build_scenario()
     _, _, entry = prepare(run, sc, run.build_model(sc))
+    if not entry["feature_cache"].get("path"):
+        raise SystemExit(f"no feature cache for this run: {entry['feature_cache']['why']}")
     if entry["feature_cache"].get("path"):
         from pathlib import Path
 

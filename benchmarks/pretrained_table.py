@@ -26,6 +26,7 @@ VIT = "timm:vit_tiny_patch16_224,img_size=28,patch_size=7,in_chans=1,depth=4"
 ROWS = {  # label: (method, extra options)
     "finetune (whole backbone)": ("finetune", {}),
     "finetune (head only; frozen)": ("finetune", {"freeze": "all"}),
+    "joint (head only; frozen)": ("joint", {"freeze": "all"}),  # the ceiling of a linear head on the frozen features
     "simplecil": ("simplecil", {}),
     "ranpac": ("ranpac", {"params": {"M": 2000}}),
     "aper (adapter)": ("aper", {}),

@@ -6,7 +6,8 @@ The ViTs of :data:`retain.vit.TIMM_VITS` are built by retain itself (:class:`ret
 names and maths), with or without timm installed, so the prompt methods can reach inside them; any other name
 needs timm (``pip install 'retain[timm]'``) and is built by ``timm.create_model(NAME, num_classes=0, ...)``, for
 the methods that read only its features. retain's own models (``--model resnet18-reduced``) take ``--weights``
-too: the file is then a ``state_dict`` of that model.
+too: the file is then a ``state_dict`` of that model, or of its ``.features`` (what
+``benchmarks/pretrain_backbone.py`` saves).
 
 **Which weights.** ``--weights PATH`` (``.safetensors``, ``.pth`` / ``.pt`` / ``.bin``, or Google's ViT ``.npz``);
 without it, timm's local Hugging Face cache (``$HF_HUB_CACHE``, ``$HF_HOME/hub`` or ``~/.cache/huggingface/hub``,
@@ -402,7 +403,11 @@ def build(arch: str, weights: str | None, download: bool, input_shape: tuple[int
         from retain.models import build_model
 
         own = build_model(arch, input_shape, n_outputs, hidden or (400, 400))
-        fit_weights(own, sd, path, arch)
+        body = set(_drop_classifier(own.features.state_dict()))
+        if set(_drop_classifier(sd)) <= body and not set(_drop_classifier(sd)) & (set(own.state_dict()) - body):
+            fit_weights(own.features, sd, path, arch)  # the state_dict of its .features (a backbone saved alone)
+        else:
+            fit_weights(own, sd, path, arch)
         model = Pretrained(own.features, n_outputs, dim=own.head.in_features, in_chans=input_shape[0] if
                            len(input_shape) == 3 else None, mean=mean, std=std)
     info = {"path": str(path), "sha256": sha256(path), "source": source, "timm": timm_version(),

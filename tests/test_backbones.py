@@ -312,3 +312,17 @@ def test_a_timm_model_retain_does_not_build_needs_timm_and_download_needs_the_hu
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
     with pytest.raises(ConfigError, match=r"--download of timm weights needs huggingface_hub"):
         retain.resolve(benchmark="split-digits", arch="timm:vit_small_patch16_224", download=True)
+
+
+def test_retain_models_take_their_own_or_their_features_state_dict(tmp_path):
+    torch.manual_seed(0)
+    net = build_model("resnet18-reduced", (1, 28, 28), 10)
+    save_weights(net.features, tmp_path / "body.safetensors", "resnet18-reduced", (0.5,), (0.5,))
+    save_weights(net, tmp_path / "whole.safetensors", "resnet18-reduced", (0.5,), (0.5,))
+    x = torch.rand(2, 1, 28, 28)
+    expected = net.eval().features((x - 0.5) / 0.5)
+    for name in ("body", "whole"):
+        model, _ = backbones.build("resnet18-reduced", str(tmp_path / f"{name}.safetensors"), False, (1, 28, 28), 4)
+        assert torch.allclose(model.eval().features(x), expected, atol=1e-5)
+    with pytest.raises(ConfigError, match="does not fit --model resnet32"):
+        backbones.build("resnet32", str(tmp_path / "body.safetensors"), False, (1, 28, 28), 4)
