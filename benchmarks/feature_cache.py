@@ -38,17 +38,14 @@ def main() -> None:
                   method=a.method, epochs=a.epochs, threads=a.threads, train_per_class=a.train_per_class,
                   freeze="all")
     run = retain.resolve(**common)
-    # a cold start: this run's cache file removed first (others are left alone)
-    from retain.backbones import prepare
+    # a cold start: this run's cache file removed first (others are left alone); nothing is computed here
+    from retain.backbones import feature_cache_path
 
+    if run.method.reads_backbone:
+        raise SystemExit(f"no feature cache for {a.method}: it runs the backbone itself")
     sc = run.build_scenario()
-    _, _, entry = prepare(run, sc, run.build_model(sc))
-    if not entry["feature_cache"].get("path"):
-        raise SystemExit(f"no feature cache for this run: {entry['feature_cache']['why']}")
-    if entry["feature_cache"].get("path"):
-        from pathlib import Path
-
-        Path(entry["feature_cache"]["path"]).unlink(missing_ok=True)
+    model = run.build_model(sc)
+    feature_cache_path(sc, model, model.pretrained["sha256"], run.config.arch)[0].unlink(missing_ok=True)
     rows = []
     for label, cache in (("through the backbone", "off"), ("feature cache, cold", "auto"),
                          ("feature cache, warm", "auto")):

@@ -52,6 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from retain.data import cache_dir, file_digest
 from retain.errors import ConfigError
 from retain.vit import TIMM_VITS, ViT, ViTConfig
 
@@ -200,14 +201,6 @@ class CachedFeatures(nn.Module):
 
 
 # -------------------------------------------------------------------------------------------- the weights
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def hub_cache() -> Path:
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"])
@@ -226,9 +219,11 @@ def _cached_file(spec: Spec) -> Path | None:
     return None
 
 
-def locate_weights(arch: str, weights: str | None, download: bool) -> tuple[Path, str]:
+def locate_weights(arch: str, weights: str | None, download: bool, fetch: bool = True) -> tuple[Path | None, str]:
     """The weights file for ``arch`` and where it came from (``file``, ``cache``, ``download``); a ConfigError
-    that says what to pass when there is none."""
+    that says what to pass when there is none. ``arch`` is ``timm:NAME`` when ``weights`` is None. ``fetch`` False
+    (the check when a run is resolved): a download that ``--download`` allows is not made yet, and the path is None;
+    the run makes it when it builds the model, so the record says ``download``."""
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.is_file():
@@ -237,8 +232,6 @@ def locate_weights(arch: str, weights: str | None, download: bool) -> tuple[Path
         if not path.name.endswith(WEIGHT_SUFFIXES):
             raise ConfigError(f"--weights {weights}: unknown format; retain reads {', '.join(WEIGHT_SUFFIXES)}")
         return path, "file"
-    if not is_timm(arch):
-        raise ConfigError("--freeze / --feature-cache need pre-trained weights: pass --weights PATH")
     spec = parse_spec(arch)
     found = _cached_file(spec)
     if found is not None:
@@ -250,6 +243,8 @@ def locate_weights(arch: str, weights: str | None, download: bool) -> tuple[Path
         from huggingface_hub import hf_hub_download
     except ImportError:
         raise ConfigError("--download of timm weights needs huggingface_hub: pip install 'retain[timm]'") from None
+    if not fetch:
+        return None, "download"
     try:
         return Path(hf_hub_download(spec.hub_id, "model.safetensors", cache_dir=str(hub_cache()))), "download"
     except Exception as e:  # no network, no such repository
@@ -384,6 +379,7 @@ def build(arch: str, weights: str | None, download: bool, input_shape: tuple[int
           hidden: tuple[int, ...] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """The pre-trained model a run asks for and the record's ``weights`` entry."""
     path, source = locate_weights(arch, weights, download)
+    assert path is not None  # fetched
     sd, meta = read_weights(path)
     spec = parse_spec(arch) if is_timm(arch) else None
     pre, pre_source = preprocessing(spec, path, meta)
@@ -410,7 +406,7 @@ def build(arch: str, weights: str | None, download: bool, input_shape: tuple[int
             fit_weights(own, sd, path, arch)
         model = Pretrained(own.features, n_outputs, dim=own.head.in_features, in_chans=input_shape[0] if
                            len(input_shape) == 3 else None, mean=mean, std=std)
-    info = {"path": str(path), "sha256": sha256(path), "source": source, "timm": timm_version(),
+    info = {"path": str(path), "sha256": file_digest(path, "sha256"), "source": source, "timm": timm_version(),
             "preprocess": pre, "preprocess_source": pre_source}
     if "retain.model" in meta:
         info["trained_as"] = meta["retain.model"]
@@ -504,13 +500,11 @@ def _rows(scenario: Any, split: str) -> Tensor:
     return torch.unique(torch.cat(parts)) if parts else torch.zeros(0, dtype=torch.long)
 
 
-def cache_features(scenario: Any, model: Pretrained, weights_sha: str, model_name: str, device: torch.device,
-                   chunk: int = 500) -> tuple[Any, CachedFeatures, dict[str, Any]]:
-    """The scenario with its inputs replaced by the frozen backbone's features (computed once for the rows the
-    tasks use, then read from the cache; other rows are zeros no task reads), the head-only model, and the
-    record's ``feature_cache`` entry."""
-    from retain.data import cache_dir
-
+def feature_cache_path(scenario: Any, model: Pretrained, weights_sha: str, model_name: str
+                       ) -> tuple[Path, dict[str, Tensor]]:
+    """Where :func:`cache_features` keeps the features of ``scenario`` through ``model``'s frozen backbone, and
+    the rows of each split that the tasks use. The key: the weights' hash, the model, its preprocessing, and the
+    data's own hash with those rows."""
     enc = model.features
     rows = {"train": _rows(scenario, "train"), "test": _rows(scenario, "test") if scenario.x_test is not None
             else torch.zeros(0, dtype=torch.long)}
@@ -520,8 +514,17 @@ def cache_features(scenario: Any, model: Pretrained, weights_sha: str, model_nam
         "std": enc.std.flatten().tolist() if enc.normalise else None,
         "data": _data_hash(scenario.x_train, scenario.x_test, rows["train"], rows["test"])},
         sort_keys=True).encode()).hexdigest()
-    path = cache_dir() / "features" / f"{key[:32]}.pt"
+    return cache_dir() / "features" / f"{key[:32]}.pt", rows
+
+
+def cache_features(scenario: Any, model: Pretrained, weights_sha: str, model_name: str, device: torch.device,
+                   chunk: int = 500) -> tuple[Any, CachedFeatures, dict[str, Any]]:
+    """The scenario with its inputs replaced by the frozen backbone's features (computed once for the rows the
+    tasks use, then read from the cache; other rows are zeros no task reads), the head-only model, and the
+    record's ``feature_cache`` entry."""
+    enc = model.features
     start = time.perf_counter()
+    path, rows = feature_cache_path(scenario, model, weights_sha, model_name)
     stored = None
     if path.is_file():
         try:

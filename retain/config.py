@@ -685,10 +685,8 @@ def _check_pretrained(method: Any, c: RunConfig, model: Any) -> None:
         if backbones.vit_config(spec) is None and backbones.timm_version() is None:  # (a malformed name fails here)
             raise ConfigError(f"--model {c.arch}: retain builds {', '.join(backbones.TIMM_VITS)} itself; other timm "
                               "models need timm: pip install 'retain[timm]'")
-        if c.hidden is not None:
-            raise ConfigError(f"--hidden sets an MLP's layers; --model {c.arch} has none: drop --hidden")
-    if backbones.is_timm(c.arch) or c.weights is not None:
-        backbones.locate_weights(c.arch, c.weights, c.download)
+    if backbones.is_timm(c.arch) or c.weights is not None:  # (--hidden with a timm model: _fill_training refuses it)
+        backbones.locate_weights(c.arch, c.weights, c.download, fetch=False)
         if c.normalize is not None:
             raise ConfigError("--normalize: a pre-trained backbone normalises its inputs as its weights were trained "
                               "(the record's model.weights.preprocess); drop --normalize")

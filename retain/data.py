@@ -138,7 +138,7 @@ def load_idx_folder(folder: str | os.PathLike, name: str, n_classes: int = 10) -
         paths[key] = p
     checked = name in SOURCES and SOURCES[name].kind == "idx"
     known = _published() if checked else {}
-    file_md5 = {k: _cached_md5(p, "file", lambda p=p: _md5(p)) for k, p in paths.items()} if checked else {}
+    file_md5 = {k: _cached_md5(p, "file", lambda p=p: file_digest(p)) for k, p in paths.items()} if checked else {}
     for key, p in paths.items():  # before decompressing: another dataset's gzip is refused in a fraction of a second
         _check_identity(p, known.get(file_md5.get(key)), name, key)
     t, unverified = {}, []
@@ -540,8 +540,10 @@ def locate(name: str, data_dir: str | os.PathLike | None = None) -> Path | None:
     return None
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
+def file_digest(path: Path, algorithm: str = "md5") -> str:
+    """The hex digest of a file's bytes (``md5`` for the data mirrors' checksums, ``sha256`` for weights files),
+    read a MiB at a time."""
+    h = getattr(hashlib, algorithm)()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
@@ -556,7 +558,7 @@ def fetch(url: str, dest: Path, md5: str, timeout: float = 30.0) -> None:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as r:
             for chunk in iter(lambda: r.read(1 << 20), b""):
                 out.write(chunk)
-        got = _md5(Path(tmp))
+        got = file_digest(Path(tmp))
         if got != md5:
             raise DataError(f"{url}: checksum mismatch (md5 {got}, expected {md5}); nothing was written")
         os.replace(tmp, dest)
@@ -574,7 +576,7 @@ def download(name: str, root: str | os.PathLike | None = None) -> Path:
     target = root / src.folder_names[0] if src.kind == "idx" else root
     for fname, md5 in src.files:
         dest = target / fname
-        if dest.exists() and _md5(dest) == md5:
+        if dest.exists() and file_digest(dest) == md5:
             continue
         errors = []
         for mirror in src.mirrors:
@@ -592,7 +594,7 @@ def download(name: str, root: str | os.PathLike | None = None) -> Path:
             )
     for url, fname, md5 in src.more:  # companion files from another mirror (CORe50's batch filelists)
         dest = target / fname
-        if not (dest.exists() and _md5(dest) == md5):
+        if not (dest.exists() and file_digest(dest) == md5):
             try:
                 fetch(url, dest, md5)
             except OSError as e:

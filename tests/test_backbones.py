@@ -326,3 +326,24 @@ def test_retain_models_take_their_own_or_their_features_state_dict(tmp_path):
         assert torch.allclose(model.eval().features(x), expected, atol=1e-5)
     with pytest.raises(ConfigError, match="does not fit --model resnet32"):
         backbones.build("resnet32", str(tmp_path / "body.safetensors"), False, (1, 28, 28), 4)
+
+
+def test_download_is_made_when_the_run_builds_its_model_not_when_it_is_resolved(tiny_weights, monkeypatch,
+                                                                                  tmp_path):
+    import sys
+    import types
+
+    path, _ = tiny_weights
+    calls = []
+
+    def hf_hub_download(repo, filename, cache_dir):
+        calls.append((repo, filename))
+        return str(path)
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(hf_hub_download=hf_hub_download))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    run = retain.resolve(benchmark="split-digits", mode="class", arch=TINY, download=True)
+    assert calls == []  # resolving checks, and fetches nothing
+    model = run.build_model(run.build_scenario())
+    assert calls == [("timm/vit_tiny_patch16_224", "model.safetensors")]
+    assert model.pretrained["source"] == "download"
