@@ -401,7 +401,7 @@ class Exemplars:
     shrinks every class to its share keeping its first-chosen rows (iCaRL's Alg. 5).
 
     ``remainder``: False gives each class ``size // classes seen`` (iCaRL's m = K / t, LUCIR, PODNet); True hands
-    the rest of the division to the earliest classes, so the memory is full (BiC, and WA as PyCIL fills it).
+    the rest of the division to the earliest classes, so the memory is full (BiC; WA, where PyCIL drops the rest).
     """
 
     def __init__(self, size: int, remainder: bool = False):

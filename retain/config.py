@@ -41,7 +41,7 @@ from retain.errors import ConfigError
 MODES = ("task", "domain", "class")
 # retain's own models (retain.models.build_model) and on-device augmentation pipelines (retain.augment.PIPELINES)
 ARCHS = ("mlp", "resnet18", "resnet18-reduced", "resnet32")
-INITS = ("default", "xavier", "agem")  # retain.models.initialise
+INITS = ("default", "xavier", "agem", "pycil")  # retain.models.initialise
 LOGGERS = ("tensorboard", "mlflow", "wandb")  # retain.loggers
 AUGMENTS = ("none", "crop-flip", "crop-flip-jitter", "rrc-flip", "rrc-flip-jitter")
 
@@ -123,7 +123,8 @@ class RunConfig:
     hidden: tuple[int, ...] | None = option(None, "MLP hidden sizes, e.g. 400,400", check=_hidden, metavar="SIZES")
     init: str = option("default", "weight initialisation: default (PyTorch's), xavier (Mammoth's: Glorot-uniform "
                        "weights and zero biases in every linear layer), agem (the A-GEM authors': truncated normal, "
-                       "std 0.1, biases 0.1)", choices=INITS, hash="unless-default", neutral=("default",))
+                       "std 0.1, biases 0.1), pycil (PyCIL's output layer: Kaiming-uniform with the linear gain, zero "
+                       "bias; the rest PyTorch's)", choices=INITS, hash="unless-default", neutral=("default",))
     epochs: int | None = option(None, "passes over each task's data", check=_at_least(1))
     iterations: int | None = option(None, "steps per task (instead of --epochs)", check=_at_least(1))
     batch_size: int | None = option(None, "training batch size", check=_at_least(1))

@@ -163,16 +163,34 @@ def init_xavier_(module: nn.Module) -> nn.Module:
     return module
 
 
+def init_pycil_(module: nn.Module) -> nn.Module:
+    """PyCIL's output layer (``convs/linears.py``'s ``SimpleLinear``), in place: the ``head``'s weights Kaiming-uniform
+    with the linear gain, i.e. uniform in ±sqrt(3 / fan_in) (PyTorch's default: ±1/sqrt(fan_in), a row norm √3
+    times smaller), its biases 0; the other layers keep PyTorch's. It matters for WA, whose weight aligning scales
+    the new classes' rows by the ratio of the norms (docs/class-incremental.md)."""
+    head = getattr(module, "head", None)
+    if not isinstance(head, nn.Linear):
+        raise ConfigError("--init pycil re-draws the model's linear output layer (.head), and this model has none")
+    with torch.no_grad():
+        nn.init.kaiming_uniform_(head.weight, nonlinearity="linear")
+        if head.bias is not None:
+            head.bias.zero_()
+    return module
+
+
 def initialise(module: nn.Module, init: str) -> nn.Module:
     """``module`` re-initialised in place by ``init`` (``retain.config.INITS``): ``default`` leaves PyTorch's
     initialisation, ``xavier`` is :func:`init_xavier_` (linear layers only; convolutions keep PyTorch's, as in
-    Mammoth), ``agem`` is :func:`init_agem_` (every parameter)."""
+    Mammoth), ``agem`` is :func:`init_agem_` (every parameter), ``pycil`` is :func:`init_pycil_` (the output layer
+    only)."""
     if init == "xavier":
         return init_xavier_(module)
     if init == "agem":
         return init_agem_(module)
+    if init == "pycil":
+        return init_pycil_(module)
     if init != "default":
-        raise ConfigError(f"unknown --init {init!r}; choose default, xavier or agem")
+        raise ConfigError(f"unknown --init {init!r}; choose default, xavier, agem or pycil")
     return module
 
 

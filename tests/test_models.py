@@ -121,6 +121,28 @@ def test_xavier_init_is_glorot_uniform_with_zero_biases():
         assert torch.count_nonzero(x.bias) == 0
 
 
+def test_pycil_init_redraws_only_the_output_layer_as_pycils_simplelinear():
+    """PyCIL's SimpleLinear: head weights uniform in ±sqrt(3 / fan_in) (Kaiming-uniform, linear gain), biases 0;
+    the hidden layers keep PyTorch's draw (the same as without it, from the same seed)."""
+    import pytest
+
+    from retain.errors import ConfigError
+    from retain.models import init_pycil_, initialise
+
+    torch.manual_seed(0)
+    plain = build_model("mlp", (784,), 10, (100, 100))
+    torch.manual_seed(0)
+    m = initialise(build_model("mlp", (784,), 10, (100, 100)), "pycil")
+    bound = (3 / 100) ** 0.5
+    w = m.head.weight.detach()
+    assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound  # PyTorch's would stay within 0.1
+    assert torch.count_nonzero(m.head.bias) == 0
+    for a, b in zip(plain.features.parameters(), m.features.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ConfigError, match="--init pycil"):
+        init_pycil_(torch.nn.Sequential(torch.nn.Linear(3, 2)))
+
+
 def test_init_option_reinitialises_the_run_model_through_the_one_path():
     """``--init xavier`` (config files, sweeps and the API alike): the built MLP's linear biases are zero and its
     weights fill Glorot's interval; ``default`` leaves PyTorch's; an unknown name is a one-line error."""
