@@ -9,7 +9,7 @@ from torch import nn
 
 import retain
 from retain.errors import ConfigError
-from retain.methods.oml import OML, meta_loss
+from retain.methods.oml import OML, _turned, meta_loss
 
 
 def test_the_meta_gradient_matches_finite_differences_through_the_inner_steps():
@@ -76,7 +76,7 @@ def test_the_online_phase_trains_only_the_prediction_network():
                 seen.setdefault(key, [p.detach().clone() for p in ps])
                 seen["last_" + key] = [p.detach().clone() for p in ps]
 
-    m = Watch(meta_steps=5, trajectory=3, random_samples=4)
+    m = Watch(meta_steps=5, trajectory=3, random_samples=4, pln_layers=2)
     retain.run(method=m, epochs=1, batch_size=5, **_digits(hidden=(32, 32)))
     assert len(seen["rln"]) == 2 and len(seen["pln"]) == 4
     assert all(torch.equal(a, b) for a, b in zip(seen["rln"], seen["last_rln"]))  # frozen after meta-training
@@ -88,3 +88,43 @@ def test_a_run_that_uses_every_class_is_refused_with_the_fix():
         retain.run(benchmark="split-digits", mode="class", method="oml", hidden=(16,), epochs=1, threads=1)
     with pytest.raises(ConfigError, match="meta_steps"):
         OML(meta_steps=0)
+
+
+def test_the_online_phase_steps_the_runs_optimizer_once_per_sample_from_a_reset_head():
+    """Phase 2 as the authors' evaluation: the output layer re-drawn (zero bias), then one step of the run's optimizer
+    (here SGD 0.1) per sample in stream order, on the frozen features: replayed by hand on the first batch."""
+    seen = {}
+
+    class Watch(OML):
+        def observe(self, ctx, batch):
+            if "head" not in seen and self.meta_classes is not None:
+                h = ctx.model.head
+                seen.update(head=(h.weight.detach().clone(), h.bias.detach().clone()), batch=batch,
+                            f=ctx.model.features(batch.x).detach())
+                out = super().observe(ctx, batch)
+                seen["after"] = (h.weight.detach().clone(), h.bias.detach().clone())
+                return out
+            return super().observe(ctx, batch)
+
+    m = Watch(meta_steps=5, trajectory=3, random_samples=4)
+    retain.run(method=m, epochs=1, batch_size=4, optimizer="sgd", lr=0.1, momentum=0.0, all_outputs=True, **_digits())
+    w, b = seen["head"]
+    assert torch.count_nonzero(b) == 0  # reset: zero bias (and a fresh Kaiming-normal weight)
+    w, b = w.clone().requires_grad_(), b.clone().requires_grad_()
+    for i in range(len(seen["batch"])):  # one SGD step per row, in order
+        loss = torch.nn.functional.cross_entropy(seen["f"][i:i + 1] @ w.T + b, seen["batch"].y[i:i + 1])
+        gw, gb = torch.autograd.grad(loss, (w, b))
+        w, b = (w - 0.1 * gw).detach().requires_grad_(), (b - 0.1 * gb).detach().requires_grad_()
+    assert torch.allclose(seen["after"][0], w, atol=1e-6) and torch.allclose(seen["after"][1], b, atol=1e-6)
+
+
+def test_rotations_turn_each_held_out_class_into_four_classes():
+    x = torch.arange(8.0).reshape(2, 1, 2, 2)
+    turned = _turned(x, [0, 1])
+    assert torch.equal(turned[0], x[0]) and torch.equal(turned[1], torch.rot90(x[1], 1, dims=(-2, -1)))
+    assert torch.equal(turned[1, 0], torch.tensor([[5.0, 7.0], [4.0, 6.0]]))  # a quarter-turn, counter-clockwise
+    m = OML(meta_steps=10, trajectory=3, random_samples=4, rotations=4)
+    r = retain.run(method=m, epochs=1, batch_size=5, **_digits())
+    assert any("[0, 1, 2, 3, 4], each in 4 quarter-turns" in w for w in r.warnings)
+    with pytest.raises(ConfigError, match="rotations must be 1, 2 or 4"):
+        OML(rotations=3)

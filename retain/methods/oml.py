@@ -38,47 +38,58 @@ class OML(Method):
     """OML: meta-train the representation on held-out classes, then learn the stream on it one sample at a time.
 
     Javed & White, "Meta-Learning Representations for Continual Learning", NeurIPS 2019 (Algorithm 1), checked
-    against the authors' code (khurramjaved96/mrcl, ``model/meta_learner.py``, ``oml_omniglot_paper.py``). The model
-    is split into the representation learning network φ (the model's ``features``: RLN) and the prediction
-    learning network (its ``head``: PLN).
+    against the authors' code (khurramjaved96/mrcl: ``model/meta_learner.py``, ``oml_omniglot.py`` for phase 1,
+    ``evaluate_omniglot.py`` for phase 2). The model is split into the representation learning network φ (the
+    model's ``features``: RLN) and the prediction learning network (its ``head``: PLN).
 
     Phase 1, meta-training, before the first task, on the classes of the dataset that no task of the run uses (the
     stream never shows them; ``--class-order`` with fewer classes than the dataset leaves some, e.g. split-mnist
     with ``--class-order 5,6,7,8,9 --n-tasks 5`` meta-trains on digits 0-4): each of ``meta_steps`` steps samples a
     class and a trajectory of ``trajectory`` of its rows, resets that class's row of a meta-training head (Kaiming
-    normal, the authors' ``reset``), takes one SGD step of size ``inner_lr`` per trajectory sample on fast weights of
-    the head, and computes the cross-entropy of the final fast weights on a meta batch of ``random_samples`` rows
-    of all meta-training classes plus ``class_samples`` more of the trajectory's class; Adam (``meta_lr``) updates φ
-    and the head's initial weights through the inner steps (second-order), the meta-gradient clipped elementwise to
-    ±``clip`` (the authors' ``clip_grad_params``). The record's warnings say which classes meta-trained.
+    normal, the authors' ``reset_classifer``), takes one SGD step of size ``inner_lr`` per trajectory sample on fast
+    weights of the PLN, and computes the cross-entropy of the final fast weights on a meta batch of
+    ``random_samples`` rows of all meta-training classes plus ``class_samples`` more of the trajectory's class (the
+    authors' ``sample_training_data``); Adam (``meta_lr``) updates φ and the PLN's initial weights through the inner
+    steps (second-order), the meta-gradient clipped elementwise to ±``clip``. The record's warnings say which
+    classes meta-trained.
 
-    Phase 2, continual learning, the run's stream: φ is frozen (in evaluation mode, no gradient), and the PLN learns
-    one sample at a time with plain SGD of step ``inner_lr`` (the inner loop's own rule), whatever the batch size.
+    Phase 2, continual learning, the run's stream (the authors' evaluation): the PLN's output layer is
+    re-initialised (Kaiming normal weights, zero bias: the authors' ``reset_vars``), φ is frozen (in evaluation
+    mode, no gradient), and the PLN learns one sample at a time, in stream order, with the run's optimizer and
+    learning rate whatever the batch size. The authors use Adam there, its learning rate the best of a sweep
+    (0.03 ... 1e-5); ``retain sweep`` over ``--lr`` does the same, and the presets carry the values found so.
 
     Hooks: ``begin_task`` (meta-training, at the first task; on a task-free stream at the first step instead),
     ``parameters`` (the PLN only), ``observe`` (the per-sample steps). Works task-free (``--online``): the
     boundaries are not needed.
 
-    The PLN is the model's head and its last ``pln_layers - 1`` hidden layers (an MLP's; the authors': the last two
-    fully connected layers); the representation φ the layers before.
+    The PLN is the model's head and its last ``pln_layers - 1`` hidden layers (an MLP's); the representation φ the
+    layers before. The paper's PLN is two fully connected layers; the authors' refactored code (2020, the one the
+    repository runs) has one, the output layer, which is also the default here (it did better on split-MNIST).
 
-    Deviations: the meta-training output layer is a separate linear layer over the meta-training classes (the
-    authors' one output layer covers all 1,000 Omniglot classes); the PLN's hidden layers carry their meta-learned
-    initialisation into phase 2 and the output layer starts afresh there (the authors' evaluation re-initialises it
-    too). The meta batch is drawn from the
-    meta-training rows directly rather than from the authors' loaders.
+    Deviations and additions: the meta-training output layer is a separate linear layer over the meta-training
+    classes (the authors' one output layer covers all 1,000 Omniglot classes, and the evaluation resets it anyway);
+    hidden PLN layers (``pln_layers`` > 1) keep their meta-learned initialisation in phase 2 (the authors' reset
+    re-draws them too: with it, a second PLN layer would be a random layer); the meta batch is drawn from the
+    meta-training rows directly rather than from the authors' loaders. ``rotations`` (not in the paper, whose
+    Omniglot has 963 meta-training classes) turns each held-out class into 2 or 4 classes of its images under
+    quarter-turns, the usual way to multiply Omniglot's classes (Santoro et al. 2016): with split-MNIST's five
+    held-out digits the representation otherwise overfits them (a linear probe of the other five digits on it does
+    worse than on a random one, docs/online.md).
     """
 
     meta_steps: int = param(2000, "meta-training steps (the authors' Omniglot runs take 20,000+)")
     meta_lr: float = param(1e-4, "Adam learning rate of the meta-update (authors' meta_lr)")
-    inner_lr: float = param(0.01, "SGD step of the inner updates and of the online phase (authors' update_lr)")
+    inner_lr: float = param(0.01, "SGD step of the meta-training inner updates (authors' update_lr)")
     trajectory: int = param(10, "samples per trajectory, one inner step each (authors' update_step)")
     random_samples: int = param(15, "meta-batch rows drawn from all meta-training classes")
     class_samples: int = param(5, "meta-batch rows of the trajectory's own class, not in the trajectory (authors': 5)")
     clip: float = param(5.0, "elementwise clip of the meta-gradient (authors': 5)")
     reset: bool = param(True, "re-initialise the trajectory class's output row before each trajectory (authors')")
-    pln_layers: int = param(2, "linear layers of the prediction network: the head and the last hidden layers of an "
-                               "MLP (authors': 2); the rest is the representation")
+    rotations: int = param(1, "meta-training classes per held-out class: its images turned 0..rotations-1 "
+                              "quarter-turns, each a class of its own (1: none; 4: all four)")
+    pln_layers: int = param(1, "linear layers of the prediction network: the head and the last hidden layers of an "
+                               "MLP (the authors' code: 1, the paper: 2); the rest is the representation")
 
     modes = ("task", "domain", "class")
 
@@ -88,6 +99,8 @@ class OML(Method):
                 raise ConfigError(f"oml: {name} must be at least 1, got {getattr(self, name)}")
         if self.pln_layers < 1:
             raise ConfigError(f"oml: pln_layers must be at least 1, got {self.pln_layers}")
+        if self.rotations not in (1, 2, 4):
+            raise ConfigError(f"oml: rotations must be 1, 2 or 4 (quarter-turns per class), got {self.rotations}")
         if self.class_samples < 0:
             raise ConfigError(f"oml: class_samples must be >= 0, got {self.class_samples}")
         for name in ("meta_lr", "inner_lr", "clip"):
@@ -115,14 +128,12 @@ class OML(Method):
         with torch.no_grad():
             f = body(batch.x).flatten(1)
         losses = []
-        params = list(pln.parameters())
-        for i in range(len(batch)):
+        for i in range(len(batch)):  # one optimizer step per sample, in order (the authors' evaluation)
             row = Batch(batch.x[i:i + 1], batch.y[i:i + 1], batch.t[i:i + 1], None, batch.task)
             loss = ctx.loss(pln(f[i:i + 1]), row)
-            grads = torch.autograd.grad(loss, params)
-            with torch.no_grad():
-                torch._foreach_add_(params, list(grads), alpha=-self.inner_lr)
-            losses.append(loss.detach())
+            ctx.optimizer.zero_grad(set_to_none=True)
+            losses.append(ctx.backward(loss, 1))
+            ctx.step_optimizer()
         return torch.stack(losses).mean()
 
     # ------------------------------------------------------------------------------------- meta-training
@@ -140,11 +151,17 @@ class OML(Method):
             ctx.warn(f"oml: with pln_layers={self.pln_layers} every layer of this model is in the prediction network "
                      "and the representation has no parameters; meta-training then learns only the prediction "
                      "network's initialisation (add hidden layers, or lower pln_layers)")
+        shape = list(sc.x_train.shape[1:])
+        if self.rotations > 1 and (len(shape) < 2 or shape[-1] != shape[-2]):
+            raise ConfigError(f"oml: rotations={self.rotations} turns square images, and this benchmark's inputs "
+                              f"have shape {shape}; use rotations=1")
         rows = {c: (labels == c).nonzero().flatten() for c in classes}
         all_rows = torch.cat(list(rows.values()))
         out_of = {c: i for i, c in enumerate(classes)}
+        turns = self.rotations  # meta-training class (c, k): class c's images turned k quarter-turns
+        n_meta = len(classes) * turns
         dev = ctx.device
-        meta_head = nn.Linear(head.in_features, len(classes)).to(dev)
+        meta_head = nn.Linear(head.in_features, n_meta).to(dev)
         meta_pln = nn.Sequential(*pln[:-1], meta_head)  # the PLN's hidden layers themselves: their init carries over
         trained = [*body.parameters(), *meta_pln.parameters()]
         opt = torch.optim.Adam(trained, lr=self.meta_lr)
@@ -154,17 +171,23 @@ class OML(Method):
         body.train()
         for step in range(self.meta_steps):
             c = classes[int(torch.randint(len(classes), (1,), generator=g))]
+            k = int(torch.randint(turns, (1,), generator=g)) if turns > 1 else 0
+            label = out_of[c] * turns + k
             mine = rows[c][torch.randperm(len(rows[c]), generator=g)[:need]]
             traj, extra = mine[:self.trajectory], mine[self.trajectory:]
             rand = all_rows[torch.randint(len(all_rows), (self.random_samples,), generator=g)]
+            rand_k = torch.randint(turns, (self.random_samples,), generator=g) if turns > 1 else \
+                torch.zeros(self.random_samples, dtype=torch.long)
             if self.reset:
                 with torch.no_grad():
-                    nn.init.kaiming_normal_(meta_head.weight[out_of[c]:out_of[c] + 1])
-            x_t = _inputs(sc, traj).to(dev)
-            y_t = torch.full((len(traj),), out_of[c], dtype=torch.long, device=dev)
+                    nn.init.kaiming_normal_(meta_head.weight[label:label + 1])
+            x_t = _turned(_inputs(sc, traj), [k] * len(traj)).to(dev)
+            y_t = torch.full((len(traj),), label, dtype=torch.long, device=dev)
             q = torch.cat([extra, rand])
-            x_q = _inputs(sc, q).to(dev)
-            y_q = torch.tensor([out_of[int(v)] for v in labels[q]], dtype=torch.long, device=dev)
+            q_k = [k] * len(extra) + rand_k.tolist()
+            x_q = _turned(_inputs(sc, q), q_k).to(dev)
+            y_q = torch.tensor([out_of[int(v)] * turns + kk for v, kk in zip(labels[q], q_k)], dtype=torch.long,
+                               device=dev)
             loss = meta_loss(body, meta_pln, dict(meta_pln.named_parameters()), x_t, y_t, x_q, y_q, self.inner_lr)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -178,9 +201,14 @@ class OML(Method):
         body.train(was)
         for p in body.parameters():
             p.requires_grad_(False)
+        with torch.no_grad():  # the online phase's output layer starts afresh (the authors' reset_vars)
+            nn.init.kaiming_normal_(head.weight)
+            if head.bias is not None:
+                head.bias.zero_()
         self.meta_classes = classes
-        ctx.warn(f"oml: meta-trained {self.meta_steps} steps on the dataset's classes {classes} (no task uses them), "
-                 "then froze the representation; the stream's classes were not seen in meta-training")
+        turned = f", each in {turns} quarter-turns" if turns > 1 else ""
+        ctx.warn(f"oml: meta-trained {self.meta_steps} steps on the dataset's classes {classes}{turned} (no task uses "
+                 "them), then froze the representation; the stream's classes were not seen in meta-training")
 
 
 def _parts(model: nn.Module, pln_layers: int = 1) -> tuple[nn.Module, nn.Sequential]:
@@ -199,6 +227,13 @@ def _parts(model: nn.Module, pln_layers: int = 1) -> tuple[nn.Module, nn.Sequent
                           "the prediction network; this model has not as many (use --hidden with more layers, or "
                           "pln_layers=1)")
     return body[:-k], nn.Sequential(*tail, head)
+
+
+def _turned(x: Tensor, turns: list[int]) -> Tensor:
+    """Each image of ``x`` turned its number of quarter-turns (``torch.rot90`` over the last two axes)."""
+    if not any(turns):
+        return x
+    return torch.stack([torch.rot90(x[i], k, dims=(-2, -1)) for i, k in enumerate(turns)])
 
 
 def _inputs(sc: Any, idx: Tensor) -> Tensor:
