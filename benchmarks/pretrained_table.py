@@ -52,12 +52,13 @@ def main() -> None:
     ap.add_argument("--n-tasks", type=int, default=None, help="tasks (default: the benchmark's, 5 of 2 classes)")
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated row labels or method names")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=1, help="passes over each task's data (PILOT's L2P: 5)")
     a = ap.parse_args()
     seeds = [int(s) for s in a.seeds.split(",")]
     wanted = [r.strip() for r in a.rows.split(",")]
     rows = {k: v for k, v in ROWS.items() if k in wanted or v[0] in wanted}
     common = dict(benchmark=a.benchmark, data_dir=a.data_dir, mode="class", arch=a.model, weights=a.weights,
-                  epochs=1, optimizer="sgd", lr=0.01, momentum=0.9, batch_size=32, threads=a.threads,
+                  epochs=a.epochs, optimizer="sgd", lr=0.01, momentum=0.9, batch_size=32, threads=a.threads,
                   train_per_class=a.train_per_class, test_per_class=a.test_per_class, n_tasks=a.n_tasks)
     out = []
     for label, (method, extra) in rows.items():
