@@ -14,8 +14,9 @@ batch 1. Prints, per method and learning rate, the test accuracy over the stream
 the seeds), and the best learning rate's row of each method.
 
 Meta-training depends only on the seed and OML's own parameters, not on the online phase's learning rate, so the
-sweep meta-trains once per seed and starts each learning rate from that state (the same numbers as separate runs,
-which redo it; checked for one seed).
+sweep meta-trains once per seed and starts each learning rate from that state, random-number generators included
+(the same numbers as separate runs of ``retain run``, which redo it: seed 0, 15 rows per class, Adam 0.01 gives
+56.66 both ways).
 """
 
 from __future__ import annotations
@@ -31,27 +32,26 @@ from retain.methods.oml import OML, _parts
 
 class Reused(OML):
     """OML whose meta-training is done once per parameters and reused across the sweep's runs of one seed (the
-    sweep clears ``done`` before each seed)."""
+    sweep clears ``done`` before each seed). It keeps what the run is left with after meta-training: the model's
+    weights (the output layer already re-drawn), the global and the method's random-number states, so a reused run
+    goes on exactly as a fresh one."""
 
     done: dict = {}
 
     def meta_train(self, ctx):
         key = repr(self.params())
         if key in self.done:
-            state, curve = self.done[key]
+            state, curve, global_rng, method_rng, classes = self.done[key]
             ctx.model.load_state_dict(state)
-            self.meta_curve = list(curve)
-            body, pln = _parts(ctx.model, self.pln_layers)
-            for p in body.parameters():
+            for p in _parts(ctx.model, self.pln_layers)[0].parameters():
                 p.requires_grad_(False)
-            with torch.no_grad():
-                torch.nn.init.kaiming_normal_(pln[-1].weight)
-                pln[-1].bias.zero_()
-            used = {c for t in ctx.scenario.tasks for c in t.classes}
-            self.meta_classes = sorted(set(torch.unique(ctx.scenario.y_train.cpu()).tolist()) - used)
+            torch.set_rng_state(global_rng)
+            ctx.rng.set_state(method_rng)
+            self.meta_curve, self.meta_classes = list(curve), list(classes)
             return
         super().meta_train(ctx)
-        self.done[key] = ({k: v.detach().clone() for k, v in ctx.model.state_dict().items()}, list(self.meta_curve))
+        self.done[key] = ({k: v.detach().clone() for k, v in ctx.model.state_dict().items()}, list(self.meta_curve),
+                          torch.get_rng_state(), ctx.rng.get_state(), list(self.meta_classes))
 
 
 class Kept(OML):
