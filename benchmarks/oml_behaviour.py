@@ -28,6 +28,7 @@ import torch
 
 import retain
 from retain.methods.oml import OML, _parts
+from retain.models import build_model
 
 
 class Reused(OML):
@@ -148,8 +149,6 @@ def probe(args, seeds, common, oml) -> None:
             retain.run(method=keep, online=True, seed=seed, lr=1e-4, **{**common, "train_per_class": 1})
             table.setdefault(label, []).append(fit(keep.body.eval()))
         torch.manual_seed(seed)
-        from retain.models import build_model
-
         table.setdefault("random network (no meta-training)", []).append(
             fit(build_model("mlp", (1, 28, 28), 5, (256, 256)).features.eval()))
         table.setdefault("pixels", []).append(fit(torch.nn.Flatten()))

@@ -3,6 +3,8 @@ representation in the online phase, and its errors."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -126,5 +128,20 @@ def test_rotations_turn_each_held_out_class_into_four_classes():
     m = OML(meta_steps=10, trajectory=3, random_samples=4, rotations=4)
     r = retain.run(method=m, epochs=1, batch_size=5, **_digits())
     assert any("[0, 1, 2, 3, 4], each in 4 quarter-turns" in w for w in r.warnings)
+    # the first meta-loss, of a fresh head: near ln 20 over the 5 x 4 turned classes, near ln 5 without turns
+    assert m.meta_curve[0] > math.log(12)
+    plain = OML(meta_steps=10, trajectory=3, random_samples=4)
+    retain.run(method=plain, epochs=1, batch_size=5, **_digits())
+    assert plain.meta_curve[0] < math.log(12)
     with pytest.raises(ConfigError, match="rotations must be 1, 2 or 4"):
         OML(rotations=3)
+
+
+def test_rotations_of_flat_inputs_are_refused_with_the_fix():
+    from retain import scenarios
+    from retain.data import make_synthetic
+
+    sc = scenarios.split(make_synthetic(n_classes=6, n_train=16, n_test=8, dim=8), "class", n_tasks=2,
+                         class_order=[2, 3, 4, 5])
+    with pytest.raises(ConfigError, match="turns square images.*shape \\[8\\]; use rotations=1"):
+        retain.run(scenario=sc, method=OML(meta_steps=2, rotations=4), epochs=1, threads=1)

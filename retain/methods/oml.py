@@ -57,7 +57,7 @@ class OML(Method):
     re-initialised (Kaiming normal weights, zero bias: the authors' ``reset_vars``), φ is frozen (in evaluation
     mode, no gradient), and the PLN learns one sample at a time, in stream order, with the run's optimizer and
     learning rate whatever the batch size. The authors use Adam there, its learning rate the best of a sweep
-    (0.03 ... 1e-5); ``retain sweep`` over ``--lr`` does the same, and the presets carry the values found so.
+    (0.03 ... 1e-5); ``retain sweep`` over ``--lr`` does the same (``benchmarks/oml_behaviour.py`` sweeps it).
 
     Hooks: ``begin_task`` (meta-training, at the first task; on a task-free stream at the first step instead),
     ``parameters`` (the PLN only), ``observe`` (the per-sample steps). Works task-free (``--online``): the
