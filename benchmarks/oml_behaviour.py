@@ -3,19 +3,22 @@ time, against online fine-tuning of the same network, each at the best learning 
 evaluation, which sweeps Adam's learning rate for every method).
 
     python benchmarks/oml_behaviour.py --data-dir ../shared/data/mnist
-    python benchmarks/oml_behaviour.py --data-dir ../shared/data/mnist --train-per-class 15 --seeds 0,1,2 \
-        --oml-lrs 0.03,0.01,0.003,0.001,0.0003 --finetune-lrs 0.001,0.0005,0.0003,0.0002,0.0001,0.00005,0.00003
+    python benchmarks/oml_behaviour.py --data-dir ../shared/data/mnist --arch mlp \
+        --oml-lrs 0.03,0.01,0.003,0.001,0.0003 --finetune-lrs 0.001,0.0005,0.0003,0.0002,0.0001,0.00005,0.00003 \
+        --seeds 0,1,2
 
 Split-MNIST class-IL: digits 5-9 one class per task (``--class-order 5,6,7,8,9 --n-tasks 5``), the first
-``--train-per-class`` training rows of each, one pass, all outputs in the loss; MLP 256-256. OML meta-trains on
-digits 0-4 (each in four quarter-turns, ``rotations=4``), then learns the stream (``--online``: one pass, batches
-of 10, boundaries hidden) one sample at a time with Adam; the baseline fine-tunes the whole network with Adam at
-batch 1. Prints, per method and learning rate, the test accuracy over the stream's classes (ACC, mean ± std over
-the seeds), and the best learning rate's row of each method.
+``--train-per-class`` training rows of each (15, the paper's Omniglot evaluation), one pass, all outputs in the
+loss; retain's ``convnet`` (the authors' convolutional layout, cut to 28 x 28) or, with ``--arch mlp``, an MLP
+256-256. OML meta-trains on digits 0-4 (each in four quarter-turns, ``rotations=4``), then learns the stream
+(``--online``: one pass, batches of 10, boundaries hidden) one sample at a time with Adam; the baseline fine-tunes
+the whole network with Adam at batch 1; the ablation row runs OML's online phase on the network's initial
+representation (``meta_steps=0``: frozen, not meta-trained). Prints, per row and learning rate, the test accuracy
+over the stream's classes (ACC, mean ± std over the seeds), and each row's best learning rate.
 
 Meta-training depends only on the seed and OML's own parameters, not on the online phase's learning rate, so the
 sweep meta-trains once per seed and starts each learning rate from that state, random-number generators included
-(the same numbers as separate runs of ``retain run``, which redo it: seed 0, 15 rows per class, Adam 0.01 gives
+(the same numbers as separate runs of ``retain run``, which redo it: seed 0, MLP, 15 rows per class, Adam 0.01 gives
 56.66 both ways).
 """
 
@@ -66,13 +69,24 @@ class Kept(OML):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--arch", default="convnet", choices=("convnet", "mlp"),
+                    help="the network of every row: retain's convnet (the authors' layout, cut to 28 x 28) or the "
+                         "MLP 256-256")
     ap.add_argument("--seeds", default="0,1,2,3,4")
-    ap.add_argument("--train-per-class", type=int, default=100)
-    ap.add_argument("--oml-lrs", default="0.001,0.0003,0.0001")
-    ap.add_argument("--finetune-lrs", default="0.00005,0.00003,0.00002,0.00001")
+    ap.add_argument("--train-per-class", type=int, default=15)
+    ap.add_argument("--oml-lrs", default="0.03,0.01,0.003,0.001")
+    ap.add_argument("--finetune-lrs", default="0.0001,0.00005,0.00003,0.00002,0.00001")
     ap.add_argument("--meta-steps", type=int, default=10000)
     ap.add_argument("--meta-lr", type=float, default=1e-4)
     ap.add_argument("--rotations", type=int, default=4)
+    ap.add_argument("--no-frozen-random", action="store_true",
+                    help="leave out the ablation row: OML's online phase on the network's initial representation "
+                         "(meta_steps=0), at OML's learning rates")
+    ap.add_argument("--pretrained", action="store_true",
+                    help="add the paper's pre-training baseline: the network trained by plain supervised learning "
+                         "(Adam 1e-3, batch 32) on OML's meta-training data (digits 0-4, in --rotations "
+                         "quarter-turns), then OML's online phase on its frozen representation")
+    ap.add_argument("--pretrain-epochs", type=int, default=2)
     ap.add_argument("--probe", action="store_true",
                     help="instead of the sweep: the representation's quality, a linear head fitted offline (full "
                          "batch, Adam, 500 steps) on the stream's rows over the frozen features, for OML's "
@@ -80,18 +94,33 @@ def main() -> None:
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     common = dict(benchmark="split-mnist", data_dir=args.data_dir, mode="class", class_order=[5, 6, 7, 8, 9],
-                  n_tasks=5, train_per_class=args.train_per_class, all_outputs=True, hidden=(256, 256),
+                  n_tasks=5, train_per_class=args.train_per_class, all_outputs=True, arch=args.arch,
                   optimizer="adam", epochs=1, threads=1)
+    if args.arch == "mlp":
+        common["hidden"] = (256, 256)
     oml = dict(meta_steps=args.meta_steps, meta_lr=args.meta_lr, rotations=args.rotations)
     if args.probe:
         return probe(args, seeds, common, oml)
-    print(f"# Split-MNIST 5-9 online, {args.train_per_class}/class, MLP 256-256, Adam; OML {oml}; seeds {seeds}")
+    print(f"# Split-MNIST 5-9 online, {args.train_per_class}/class, {args.arch}, Adam; OML {oml}; seeds {seeds}")
     table: dict[tuple[str, float], list[float]] = {}
+    oml_lrs = [float(v) for v in args.oml_lrs.split(",")]
     for seed in seeds:
         Reused.done.clear()
-        for lr in [float(v) for v in args.oml_lrs.split(",")]:
+        for lr in oml_lrs:
             r = retain.run(method=Reused(**oml), online=True, seed=seed, lr=lr, **common)
             table.setdefault(("oml", lr), []).append(100 * r.metrics["acc"])
+        for lr in [] if args.no_frozen_random else oml_lrs:
+            r = retain.run(method=OML(meta_steps=0), online=True, seed=seed, lr=lr, **common)
+            table.setdefault(("frozen random (meta_steps=0)", lr), []).append(100 * r.metrics["acc"])
+        if args.pretrained:
+            body = pretrain(args, seed)
+            for lr in oml_lrs:
+                model = build_model(args.arch, (1, 28, 28), 5, (256, 256))
+                model.features.load_state_dict(body.state_dict())
+                own = {k: v for k, v in common.items() if k not in ("arch", "hidden")}
+                r = retain.run(model=model, method=OML(meta_steps=0), online=True, seed=seed, lr=lr, **own)
+                table.setdefault((f"pretrained ({args.pretrain_epochs} epochs), frozen", lr), []).append(
+                    100 * r.metrics["acc"])
         for lr in [float(v) for v in args.finetune_lrs.split(",")]:
             r = retain.run(method="finetune", batch_size=1, seed=seed, lr=lr, **common)
             table.setdefault(("finetune", lr), []).append(100 * r.metrics["acc"])
@@ -112,6 +141,30 @@ def main() -> None:
         print(f"| {name} | {lr:g} | {fmt(table[(name, lr)])} |")
     gap = statistics.mean(table[("oml", best["oml"])]) - statistics.mean(table[("finetune", best["finetune"])])
     print(f"\nOML - fine-tuning at each one's best lr: {gap:+.2f} points")
+
+
+def pretrain(args, seed: int) -> torch.nn.Module:
+    """The representation of the pre-training baseline: the network trained with cross-entropy on every training row
+    of digits 0-4, each in ``--rotations`` quarter-turns as its own class (OML's meta-training data), one task."""
+    from retain import scenarios
+    from retain.data import Arrays, load
+
+    data = load("mnist", args.data_dir)
+
+    def turned(x, y):
+        keep = y < 5
+        x, y = x[keep], y[keep]
+        return (torch.cat([torch.rot90(x, k, dims=(-2, -1)) for k in range(args.rotations)]),
+                torch.cat([y * args.rotations + k for k in range(args.rotations)]))
+
+    n = 5 * args.rotations
+    arrays = Arrays("mnist-0-4-turned", *turned(data.x_train, data.y_train), *turned(data.x_test, data.y_test), n,
+                    data.mean, data.std)
+    torch.manual_seed(seed)
+    model = build_model(args.arch, (1, 28, 28), n, (256, 256))
+    retain.run(scenario=scenarios.split(arrays, "class", n_tasks=1, seed=seed), model=model, method="finetune",
+               epochs=args.pretrain_epochs, batch_size=32, optimizer="adam", lr=1e-3, seed=seed, threads=1)
+    return model.features
 
 
 def probe(args, seeds, common, oml) -> None:
@@ -150,7 +203,7 @@ def probe(args, seeds, common, oml) -> None:
             table.setdefault(label, []).append(fit(keep.body.eval()))
         torch.manual_seed(seed)
         table.setdefault("random network (no meta-training)", []).append(
-            fit(build_model("mlp", (1, 28, 28), 5, (256, 256)).features.eval()))
+            fit(build_model(args.arch, (1, 28, 28), 5, (256, 256)).features.eval()))
         table.setdefault("pixels", []).append(fit(torch.nn.Flatten()))
         print(f"# seed {seed} done", flush=True)
     print(f"\n| representation | linear probe on digits 5-9, {args.train_per_class}/class, % |\n|---|---:|")

@@ -40,7 +40,7 @@ from retain.errors import ConfigError
 
 MODES = ("task", "domain", "class")
 # retain's own models (retain.models.build_model) and on-device augmentation pipelines (retain.augment.PIPELINES)
-ARCHS = ("mlp", "resnet18", "resnet18-reduced", "resnet32")
+ARCHS = ("mlp", "convnet", "resnet18", "resnet18-reduced", "resnet32")
 INITS = ("default", "xavier", "agem", "pycil")  # retain.models.initialise
 LOGGERS = ("tensorboard", "mlflow", "wandb")  # retain.loggers
 AUGMENTS = ("none", "crop-flip", "crop-flip-jitter", "rrc-flip", "rrc-flip-jitter")

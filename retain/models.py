@@ -1,5 +1,6 @@
-"""Models: an MLP with configurable hidden sizes, ResNet-18 (Mammoth's, and the reduced one of GEM / A-GEM) and the
-CIFAR ResNet-32; ``build_model`` makes one by name (``--arch`` / ``--model``) for a scenario's input shape.
+"""Models: an MLP with configurable hidden sizes, a four-layer ConvNet (OML's), ResNet-18 (Mammoth's, and the
+reduced one of GEM / A-GEM) and the CIFAR ResNet-32; ``build_model`` makes one by name (``--arch`` /
+``--model``) for a scenario's input shape.
 
 Multi-head output for task-IL is one output layer whose columns are grouped into per-task heads; the scenario's
 mask selects a task's head in the loss and in evaluation, which is exactly equivalent to separate heads (masked
@@ -29,6 +30,28 @@ class MLP(nn.Module):
         )
         self.head = nn.Linear(sizes[-1], n_outputs)
         self.hidden = tuple(hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+class ConvNet(nn.Module):
+    """Four 3x3 convolutions of ``channels`` filters, strides 2, 1, 2, 1, each followed by ReLU (no normalisation,
+    no padding), flattened, then the linear ``head``: the OML authors' Omniglot representation network (Javed & White
+    2019: six such layers of 256 filters, strides 2, 1, 2, 1, 2, 2, for 84 x 84 images) cut to the size of 28 x 28
+    digits. 28 x 28 inputs give 64 x 3 x 3 = 576 features. Without batch norm a sample's features do not depend on
+    the rest of its batch, which one-sample-at-a-time learners (``oml``) need."""
+
+    def __init__(self, in_channels: int, n_outputs: int, side: int, channels: int = 64):
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = in_channels
+        for stride in (2, 1, 2, 1):
+            layers += [nn.Conv2d(cin, channels, 3, stride), nn.ReLU()]
+            cin = channels
+            side = (side - 3) // stride + 1
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        self.head = nn.Linear(channels * side * side, n_outputs)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
@@ -213,18 +236,23 @@ def build_model(arch: str, input_shape: tuple[int, ...], n_outputs: int, hidden:
                 ) -> nn.Module:
     """retain's model ``arch`` (``retain.config.ARCHS``) for inputs of ``input_shape`` and ``n_outputs`` outputs.
 
-    ``mlp``: :class:`MLP` of ``hidden`` sizes. ``resnet18``: Mammoth's ResNet-18 (64 filters); ``resnet18-reduced``:
-    the GEM / A-GEM one (20 filters); both with the CIFAR stem below 128 px (CIFAR's 32, Tiny-ImageNet's 64, as
-    Mammoth) and the ImageNet stem from 128 px (ImageNet-R, CUB). ``resnet32``: the CIFAR ResNet-32, for inputs
-    under 128 px.
+    ``mlp``: :class:`MLP` of ``hidden`` sizes. ``convnet``: :class:`ConvNet`, four plain convolutions (square
+    images from 19 px). ``resnet18``: Mammoth's ResNet-18 (64 filters); ``resnet18-reduced``: the GEM / A-GEM one
+    (20 filters); both with the CIFAR stem below 128 px (CIFAR's 32, Tiny-ImageNet's 64, as Mammoth) and the
+    ImageNet stem from 128 px (ImageNet-R, CUB). ``resnet32``: the CIFAR ResNet-32, for inputs under 128 px.
     """
     if arch == "mlp":
         return MLP(math.prod(input_shape), n_outputs, hidden)
-    if arch not in ("resnet18", "resnet18-reduced", "resnet32"):
-        raise ConfigError(f"unknown model {arch!r}; choose mlp, resnet18, resnet18-reduced or resnet32")
+    if arch not in ("convnet", "resnet18", "resnet18-reduced", "resnet32"):
+        raise ConfigError(f"unknown model {arch!r}; choose mlp, convnet, resnet18, resnet18-reduced or resnet32")
     if len(input_shape) != 3:
         raise ConfigError(f"{arch} needs image inputs [C, H, W], got shape {list(input_shape)}: use --arch mlp")
     side = min(input_shape[1:])
+    if arch == "convnet":
+        if side < 19 or input_shape[1] != input_shape[2]:
+            raise ConfigError(f"convnet needs square images of at least 19 x 19 px, got {input_shape[1]}x"
+                              f"{input_shape[2]}: use --arch mlp")
+        return ConvNet(input_shape[0], n_outputs, side)
     if arch == "resnet32":
         if side >= IMAGENET_STEM_FROM:
             raise ConfigError(f"resnet32 is the CIFAR ResNet for images under {IMAGENET_STEM_FROM} px, got "

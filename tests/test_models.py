@@ -75,6 +75,25 @@ def test_reduced_resnet18_keeps_its_numbers():
     assert _params(m) == _mammoth_resnet18_params(20, 10) == 1_094_750  # Mammoth's reduced_resnet18(10)
 
 
+def test_convnet_is_four_plain_convolutions_and_a_head():
+    """OML's representation cut to digits: 3x3 convs of 64 filters at strides 2, 1, 2, 1, no padding, no batch norm:
+    28 -> 13 -> 11 -> 5 -> 3, so 64 * 3 * 3 = 576 features; a sample's features do not depend on its batch."""
+    m = build_model("convnet", (1, 28, 28), 5)
+    convs = [x for x in m.features if isinstance(x, torch.nn.Conv2d)]
+    assert [c.stride[0] for c in convs] == [2, 1, 2, 1] and all(c.out_channels == 64 for c in convs)
+    assert not any(isinstance(x, torch.nn.modules.batchnorm._BatchNorm) for x in m.modules())
+    assert m.head.in_features == 576 and m(torch.zeros(2, 1, 28, 28)).shape == (2, 5)
+    assert _params(m) == (9 * 64 + 64) + 3 * (9 * 64 * 64 + 64) + 576 * 5 + 5
+    x = torch.randn(3, 1, 28, 28)
+    m.train()
+    assert torch.allclose(m.features(x)[:1], m.features(x[:1]), atol=1e-6)
+    assert build_model("convnet", (3, 32, 32), 10).head.in_features == 64 * 4 * 4  # 32 -> 15 -> 13 -> 6 -> 4
+    with pytest.raises(ConfigError, match="convnet needs square images of at least 19 x 19"):
+        build_model("convnet", (1, 8, 8), 10)
+    with pytest.raises(ConfigError, match="convnet needs image inputs"):
+        build_model("convnet", (784,), 10)
+
+
 def test_resnet32_matches_pycil_structure_and_count():
     """PyCIL's convs/cifar_resnet.py resnet32: 16-channel stem, 3 stages x 5 blocks of 16/32/64 channels,
     parameter-free shortcuts, 64 features: 463,504 parameters before the classifier (0.46 M)."""

@@ -12,6 +12,7 @@ from torch import nn
 import retain
 from retain.errors import ConfigError
 from retain.methods.oml import OML, _turned, meta_loss
+from retain.models import build_model
 
 
 def test_the_meta_gradient_matches_finite_differences_through_the_inner_steps():
@@ -85,11 +86,53 @@ def test_the_online_phase_trains_only_the_prediction_network():
     assert not any(torch.equal(a, b) for a, b in zip(seen["pln"], seen["last_pln"]))  # the PLN learns
 
 
+def test_the_meta_loss_is_the_same_one_sample_at_a_time_and_batched():
+    """Without batch norm the features are computed in one pass: the loss and its gradients equal those of the
+    inner steps' definition (each trajectory sample's features on their own), written out here; with batch norm in
+    the body the one-sample-at-a-time path is taken."""
+    torch.manual_seed(0)
+    net = build_model("convnet", (1, 19, 19), 3).double()
+    x_t, y_t = torch.randn(3, 1, 19, 19, dtype=torch.float64), torch.tensor([2, 2, 2])
+    x_q, y_q = torch.randn(4, 1, 19, 19, dtype=torch.float64), torch.tensor([0, 1, 2, 2])
+    params = dict(net.head.named_parameters())
+    loss = meta_loss(net.features, net.head, params, x_t, y_t, x_q, y_q, alpha=0.3)
+    w, b = params["weight"], params["bias"]
+    for i in range(3):
+        step = torch.nn.functional.cross_entropy(torch.nn.functional.linear(net.features(x_t[i:i + 1]), w, b),
+                                                 y_t[i:i + 1])
+        gw, gb = torch.autograd.grad(step, (w, b), create_graph=True)
+        w, b = w - 0.3 * gw, b - 0.3 * gb
+    by_hand = torch.nn.functional.cross_entropy(torch.nn.functional.linear(net.features(x_q), w, b), y_q)
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-12)
+    conv = net.features[0].weight
+    assert torch.allclose(torch.autograd.grad(loss, conv)[0], torch.autograd.grad(by_hand, conv)[0], rtol=1e-10)
+    # a body with batch norm: in training mode a one-row batch is normalised on its own (batched, it would not be)
+    bn = nn.Sequential(nn.Flatten(), nn.Linear(19 * 19, 6), nn.BatchNorm1d(6, affine=False), nn.ReLU()).double()
+    head = nn.Linear(6, 3).double()
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        meta_loss(bn, head, dict(head.named_parameters()), x_t, y_t, x_q, y_q, alpha=0.3)
+
+
 def test_a_run_that_uses_every_class_is_refused_with_the_fix():
     with pytest.raises(ConfigError, match="--class-order 5,6,7,8,9"):
         retain.run(benchmark="split-digits", mode="class", method="oml", hidden=(16,), epochs=1, threads=1)
-    with pytest.raises(ConfigError, match="meta_steps"):
-        OML(meta_steps=0)
+    with pytest.raises(ConfigError, match="meta_steps must be >= 0"):
+        OML(meta_steps=-1)
+
+
+def test_meta_steps_zero_freezes_the_initial_representation():
+    """The ablation: no meta-training (so no held-out classes needed), the model's initial features frozen for the
+    whole run, the output layer re-drawn and trained; the record says so."""
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 8, 8), 10, (16,))
+    before = {k: v.clone() for k, v in model.features.state_dict().items()}
+    head_before = model.head.weight.detach().clone()
+    r = retain.run(benchmark="split-digits", mode="class", model=model, method=OML(meta_steps=0), epochs=1,
+                   batch_size=10, lr=0.01, threads=1)
+    assert all(torch.equal(before[k], v) for k, v in model.features.state_dict().items())
+    assert not any(p.requires_grad for p in model.features.parameters())
+    assert not torch.equal(head_before, model.head.weight)
+    assert any("meta_steps=0, no meta-training" in w for w in r.warnings)
 
 
 def test_the_online_phase_steps_the_runs_optimizer_once_per_sample_from_a_reset_head():

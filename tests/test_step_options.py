@@ -108,7 +108,8 @@ def test_model_is_a_flag_for_arch(capsys):
     assert main(["run", "--model", "resnet18-reduced", "--benchmark", "split-digits", "--dry-run"]) == 0
     assert json.loads(capsys.readouterr().out)["arch"] == "resnet18-reduced"
     assert main(["run", "--model", "vgg", "--dry-run"]) == 2
-    assert "unknown arch 'vgg'; choose one of mlp, resnet18, resnet18-reduced, resnet32" in capsys.readouterr().err
+    assert ("unknown arch 'vgg'; choose one of mlp, convnet, resnet18, resnet18-reduced, resnet32"
+            in capsys.readouterr().err)
 
 
 def test_the_record_has_gpu_memory_only_on_a_gpu():
