@@ -114,10 +114,10 @@ def main() -> None:
             table.setdefault(("frozen random (meta_steps=0)", lr), []).append(100 * r.metrics["acc"])
         if args.pretrained:
             body = pretrain(args, seed)
+            own = {k: v for k, v in common.items() if k not in ("arch", "hidden")}  # the model is given
             for lr in oml_lrs:
                 model = build_model(args.arch, (1, 28, 28), 5, (256, 256))
                 model.features.load_state_dict(body.state_dict())
-                own = {k: v for k, v in common.items() if k not in ("arch", "hidden")}
                 r = retain.run(model=model, method=OML(meta_steps=0), online=True, seed=seed, lr=lr, **own)
                 table.setdefault((f"pretrained ({args.pretrain_epochs} epochs), frozen", lr), []).append(
                     100 * r.metrics["acc"])
