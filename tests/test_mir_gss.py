@@ -226,6 +226,58 @@ def test_gss_replacement_probability_is_algorithm_2s():
     assert gss.buffer.y.tolist() == [0, 1]
 
 
+def test_gss_batch_gate_scores_and_gates_the_whole_batch_on_its_mean_gradient():
+    # the zero model of _gss_ctx, one input: row gradients are u_y ⊗ [x, 1], u_y = 1/4 - e_y, |u_y|² = 3/4 and
+    # <u_a, u_b> = -1/4 (a != b). A batch with label frequencies p has mean gradient ū ⊗ [x, 1], ū = 1/4 - p:
+    # <ū, u_j> = p_j - 1/4 and |ū|² = |p|² - 1/4, so c_B = 1 + max_j (p_j - 1/4) / (|ū| √3/2) over the stored j.
+    with pytest.raises(retain.errors.ConfigError, match="gate must be one of row, batch, got 'mean'"):
+        create("gss", {"gate": "mean"})
+    a = _rows(_gss_ctx()[1], 0, 1)
+    rows = lambda *y: (a.x.repeat(len(y), 1), torch.tensor(y), a.t.repeat(len(y)))  # noqa: E731
+    s3 = math.sqrt(3)
+    for gate, fill in (("row", [0.1, 0.1, 2.0, 2 / 3]), ("batch", [0.1, 0.1, 1 + 1 / s3, 1 + 1 / s3])):
+        gss, ctx = _gss_ctx(buffer_size=4, gate=gate)
+        gss.select(ctx, *rows(0, 0))  # an empty memory: 0.1 both ways
+        # [0, 1] against two stored 0s: p = (1/2, 1/2), |ū| = 1/2, cos(ū, u_0) = (1/4) / (1/2 · √3/2) = 1/√3
+        torch.testing.assert_close(gss.batch_scores(ctx, *rows(0, 1)),
+                                   (torch.tensor([2.0, 2 / 3]), torch.tensor(1 + 1 / s3)))
+        gss.select(ctx, *rows(0, 1))  # room for both: row stores each with its own score, batch with c_B
+        assert gss.buffer.y.tolist() == [0, 0, 0, 1]
+        torch.testing.assert_close(gss.buffer.prio, torch.tensor(fill))
+    # a full memory (0, 0, 0, 1): [0, 2] has c_B = 1 + 1/√3 >= 1, so its row 2 (c = 2/3) never enters under batch
+    torch.testing.assert_close(gss.batch_scores(ctx, *rows(0, 2)),
+                               (torch.tensor([2.0, 2 / 3]), torch.tensor(1 + 1 / s3)))
+    for _ in range(100):
+        gss.select(ctx, *rows(0, 2))
+    assert gss.buffer.y.tolist() == [0, 0, 0, 1]
+    # a batch filling the last slot: its first row takes c_B, the rest are gated on c_B (here closed)
+    gss, ctx = _gss_ctx(buffer_size=3, gate="batch")
+    gss.select(ctx, *rows(0, 0))
+    for _ in range(50):
+        gss.select(ctx, *rows(0, 1))
+    assert gss.buffer.y.tolist() == [0, 0, 0]
+    torch.testing.assert_close(gss.buffer.prio, torch.tensor([0.1, 0.1, 1 + 1 / s3]))
+    # [2, 2, 3, 3, 0] against (0, 0, 0, 1): p = (1/5, 0, 2/5, 2/5), |ū| = √11/10, c_B = 1 - 1/√33 < 1: every row is a
+    # candidate drawn against its own score, the 0 (c = 2, which the row gate never lets in) too
+    entered = set()
+    for seed in range(300):
+        gss, ctx = _gss_ctx(buffer_size=4, gate="batch")
+        ctx.rng.manual_seed(seed)
+        gss.select(ctx, *rows(0, 0))
+        gss.select(ctx, *rows(0, 1))
+        before = list(zip(gss.buffer.y.tolist(), gss.buffer.prio.tolist()))
+        if seed == 0:
+            c, c_b = gss.batch_scores(ctx, *rows(2, 2, 3, 3, 0))
+            torch.testing.assert_close(c, torch.tensor([2 / 3] * 4 + [2.0]))
+            torch.testing.assert_close(c_b, torch.tensor(1 - 1 / math.sqrt(33)))
+        gss.select(ctx, *rows(2, 2, 3, 3, 0))
+        for old, new in zip(before, zip(gss.buffer.y.tolist(), gss.buffer.prio.tolist())):
+            if new != old:
+                assert new in ((2, pytest.approx(2 / 3)), (3, pytest.approx(2 / 3)), (0, pytest.approx(2.0))), new
+                entered.add(new[0])
+    assert entered == {0, 2, 3}
+
+
 # -------------------------------------------------------------------------------------------------- behaviour
 
 @pytest.mark.parametrize("name", ["mir", "gss"])

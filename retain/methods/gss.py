@@ -16,6 +16,8 @@ from retain.errors import ConfigError
 from retain.method import Memory, Method, param, register
 from retain.scenarios import Batch
 
+GATES = ("row", "batch")
+
 
 @register("gss")
 @dataclass
@@ -42,19 +44,26 @@ class GSS(Method):
     for a model of linear layers (retain's MLPs) they come from one forward and backward of the rows (:meth:`gram`),
     otherwise from per-row gradients (:meth:`gradients`); both are exact. The rows and their scores live in a
     :class:`retain.buffers.Buffer` (scores in its ``prio``).
-    Deviations: (1) the gate ``c < 1`` is applied per row and a row entering a memory with room is stored with its
-    own score, as Algorithm 2; both codes gate a whole batch on the similarity of the batch's mean gradient (and
-    Mammoth stores a filling batch's rows with that batch score), an economy. (2) G holds per-row gradients
-    of ``n_compare`` stored rows, as the paper and Mammoth; the authors' code compares with the mean gradients of
-    ``memory_strength`` (10) stored mini-batches. (3) one update per incoming batch (Mammoth's ``batch_num`` = 1);
-    the authors' MNIST scripts take 3 (``n_iter``), each a step on the incoming batch then one on a replay batch.
-    (4) the replacement draw uses C_i / Σ C (the paper, Mammoth); the authors' code min-max normalises C first.
+    Deviations: (1) ``gate``. ``row`` (the default, Algorithm 2): each row is gated ``c < 1`` on its own score, and
+    a row entering a memory with room is stored with its own score. ``batch`` (Mammoth's ``gss``; the authors' code
+    gates alike, an economy): one score for the whole incoming batch, ``c_B = max_j cos(ḡ, G_j) + 1`` with ḡ the
+    gradient of the batch's mean loss (the mean of its rows' gradients); the rows of a batch that meets a memory
+    with room are stored with c_B (Mammoth), and once it is full the batch's rows are candidates only if
+    ``c_B < 1``, each then drawn against (and stored with) its own score c, compared with the same G. The first
+    batch, met with an empty memory, gets 0.1 either way. (2) G holds per-row gradients of ``n_compare`` stored
+    rows, as the paper and Mammoth; the authors' code compares with the mean gradients of ``memory_strength`` (10)
+    stored mini-batches. (3) one update per incoming batch (Mammoth's ``batch_num`` = 1); the authors' MNIST
+    scripts take 3 (``n_iter``), each a step on the incoming batch then one on a replay batch. (4) the replacement
+    draw uses C_i / Σ C (the paper, Mammoth); the authors' code min-max normalises C first.
     """
 
     buffer_size: int = param(500, "rows kept in memory (M)")
     n_compare: int = param(10, "stored rows whose gradients each new row is compared with (n in Alg. 2; "
                            "Mammoth's gss_minibatch_size)")
     replay_batch: int = param(10, "rows replayed per step (the authors' n_constraints; Mammoth's minibatch_size)")
+    gate: str = param("row", "row: each incoming row gated on its own score and stored with it (Algorithm 2); "
+                      "batch: the whole batch gated on its mean gradient's score, a filling batch stored with that "
+                      "score (Mammoth's gss; the authors' code gates alike)", choices=GATES)
 
     presets = {
         # the authors' Disjoint_Mnist.sh GSS-Greedy: n_constraints 10, batch 10; memory 200/500 as issue 21 asks;
@@ -71,6 +80,8 @@ class GSS(Method):
             raise ConfigError(f"gss: n_compare must be at least 1, got {self.n_compare}")
         if self.replay_batch < 1:
             raise ConfigError(f"gss: replay_batch must be at least 1, got {self.replay_batch}")
+        if self.gate not in GATES:
+            raise ConfigError(f"gss: gate must be one of {', '.join(GATES)}, got {self.gate!r}")
         self.buffer = Buffer(self.buffer_size)
 
     def memory(self, scenario: Any) -> Memory:
@@ -158,6 +169,11 @@ class GSS(Method):
 
     def scores(self, ctx: Any, x: Tensor, y: Tensor, t: Tensor) -> Tensor:
         """c = max_j cos(g, G_j) + 1 for each row, G the gradients of ``n_compare`` random stored rows."""
+        return self.batch_scores(ctx, x, y, t)[0]
+
+    def batch_scores(self, ctx: Any, x: Tensor, y: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Each row's score c and the batch's c_B = max_j cos(ḡ, G_j) + 1 (ḡ the mean of the rows' gradients),
+        against the same ``n_compare`` random stored rows G."""
         stored = self.buffer.sample(self.n_compare, ctx.rng)
         X, Y, T = torch.cat([x, stored.x.to(x.device)]), torch.cat([y, stored.y.to(y.device)]), \
             torch.cat([t, stored.t.to(t.device)])
@@ -165,9 +181,14 @@ class GSS(Method):
         if K is None:
             g = self.gradients(ctx, X, Y, T)
             K = g @ g.T
+        n = len(y)
         norm = K.diagonal().clamp_min(0).sqrt().clamp_min(1e-8)
         cos = K / (norm[:, None] * norm[None, :])
-        return cos[: len(y), len(y):].max(dim=1).values + 1
+        rows = cos[:n, n:].max(dim=1).values + 1
+        # ⟨ḡ, G_j⟩ = mean_i ⟨g_i, G_j⟩ and |ḡ|² = mean_{i,i'} ⟨g_i, g_i'⟩: the mean gradient needs no more than K
+        mean = K[:n, :n].mean().clamp_min(0).sqrt().clamp_min(1e-8)
+        batch = (K[:n, n:].mean(dim=0) / (mean * norm[n:])).max() + 1
+        return rows, batch
 
     @torch.no_grad()
     def _store(self, slot: int, x: Tensor, y: Tensor, t: Tensor, score: float) -> None:
@@ -175,25 +196,39 @@ class GSS(Method):
         b.x[slot], b.y[slot], b.t[slot], b.key[slot], b.prio[slot] = x.to(b.x.dtype), y, t, y, score
 
     def select(self, ctx: Any, x: Tensor, y: Tensor, t: Tensor) -> None:
-        """Algorithm 2 over the rows in stream order: fill, then score-driven replacement."""
+        """Algorithm 2 over the rows in stream order: fill, then score-driven replacement (``gate``: per row or per
+        batch)."""
         if len(y) == 0:
             return
-        c = torch.full((len(y),), 0.1) if len(self.buffer) == 0 else self.scores(ctx, x, y, t).detach().cpu()
-        self.insert(ctx, x, y, t, c)
+        if len(self.buffer) == 0:
+            c = torch.full((len(y),), 0.1)
+            self.insert(ctx, x, y, t, c)
+            return
+        rows, batch = self.batch_scores(ctx, x, y, t)
+        c = rows.detach().cpu()
+        if self.gate == "batch":
+            whole = torch.full((len(y),), float(batch))
+            self.insert(ctx, x, y, t, c, fill=whole, gate=whole)
+        else:
+            self.insert(ctx, x, y, t, c)
 
-    def insert(self, ctx: Any, x: Tensor, y: Tensor, t: Tensor, c: Tensor) -> None:
-        """Offer rows with scores ``c`` (in [0, 2]): stored while there is room, then Algorithm 2's replacement."""
+    def insert(self, ctx: Any, x: Tensor, y: Tensor, t: Tensor, c: Tensor, fill: Tensor | None = None,
+               gate: Tensor | None = None) -> None:
+        """Offer rows with scores ``c`` (in [0, 2]): stored while there is room (with score ``fill``, default c), then
+        Algorithm 2's replacement for the rows whose ``gate`` (default c) is below 1, each drawn against its c."""
+        fill = c if fill is None else fill
+        gate = c if gate is None else gate
         b = self.buffer
         room = max(0, self.buffer_size - len(b))
         if room:  # the memory is not full: store outright, in order (the buffer's first slots fill in order)
             k = min(room, len(y))
             start = len(b)
             b.add(x[:k], y[:k], t[:k], generator=ctx.rng)
-            b.prio[start:start + k] = c[:k].to(b.prio.device)
-            x, y, t, c = x[k:], y[k:], t[k:], c[k:]
+            b.prio[start:start + k] = fill[:k].to(b.prio.device)
+            x, y, t, c, gate = x[k:], y[k:], t[k:], c[k:], gate[k:]
         for i in range(len(y)):
             b.seen += 1
-            if float(c[i]) >= 1:  # similar to some stored gradient: not a candidate
+            if float(gate[i]) >= 1:  # similar to some stored gradient: not a candidate
                 continue
             C = b.prio[: self.buffer_size].cpu().clamp_min(0)
             j = int(torch.multinomial(C / C.sum(), 1, generator=ctx.rng)) if float(C.sum()) > 0 else \
