@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from retain.config import ARCHS
 from retain.errors import ConfigError
 
 
@@ -243,8 +244,8 @@ def build_model(arch: str, input_shape: tuple[int, ...], n_outputs: int, hidden:
     """
     if arch == "mlp":
         return MLP(math.prod(input_shape), n_outputs, hidden)
-    if arch not in ("convnet", "resnet18", "resnet18-reduced", "resnet32"):
-        raise ConfigError(f"unknown model {arch!r}; choose mlp, convnet, resnet18, resnet18-reduced or resnet32")
+    if arch not in ARCHS:
+        raise ConfigError(f"unknown model {arch!r}; choose one of {', '.join(ARCHS)}")
     if len(input_shape) != 3:
         raise ConfigError(f"{arch} needs image inputs [C, H, W], got shape {list(input_shape)}: use --arch mlp")
     side = min(input_shape[1:])
