@@ -193,3 +193,64 @@ def digits():
 @pytest.mark.parametrize("name", ["bic", "wa"])
 def test_beats_finetuning_on_split_digits_class_il(digits, name):
     assert digits[name] >= digits["finetune"] + 0.4, digits  # about 0.9 against 0.19
+
+
+def test_the_mammoth_diagnostic_of_bic_keeps_mammoths_memory_and_split(monkeypatch):
+    """benchmarks/bic_mammoth.py (the docs' explanation of the gap to Mammoth): a task-wise reservoir memory,
+    ``size // t`` rows a task label after the shrink, and a validation part of memory rows held out at random plus
+    as many new rows, none of them in the task's training set."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bic_mammoth
+
+    seen: list[dict] = []
+
+    class Probe(bic_mammoth.MammothBiC):
+        def task_data(self, ctx, data):
+            out = super().task_data(ctx, data)
+            if ctx.task > 0:
+                from_memory = torch.isin(self.val.idx, self.mem_idx).sum().item()
+                seen.append({"task": ctx.task, "val": len(self.val), "from_memory": from_memory,
+                             "overlap": torch.isin(self.val.idx, out.idx).sum().item(),
+                             "train": len(out), "data": len(data), "memory": len(self.mem_idx)})
+            return out
+
+        def build_buffer(self, ctx):
+            super().build_buffer(ctx)
+            counts = torch.bincount(self.mem_label + 1).tolist()
+            seen.append({"task": ctx.task, "labels": counts, "size": len(self.mem_idx)})
+
+    sc = tiny(n_train=96)  # 2 tasks of 4 classes
+    retain.run(scenario=sc, method=Probe(buffer_size=40, bias_epochs=2, weighting="mammoth"), **RUN)
+    end0, split1, end1 = seen
+    assert end0 == {"task": 0, "labels": [40], "size": 40}  # the whole buffer of task 0, Mammoth's label -1
+    assert split1["val"] == 2 * split1["from_memory"] and split1["from_memory"] > 0
+    assert split1["overlap"] == 0  # nothing validated on is trained on
+    assert split1["train"] + split1["val"] == split1["data"] + split1["memory"]
+    # end of task 1: 40 // 1 rows offered to the full reservoir: some replace task 0's slots, the size stays 40
+    assert end1["size"] == 40 and len(end1["labels"]) == 2 and end1["labels"][1] > 0
+
+
+def test_the_mammoth_diagnostic_of_bic_shrinks_by_task_label():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import bic_mammoth
+    finally:
+        sys.path.pop(0)
+    m = bic_mammoth.MammothBiC(buffer_size=12)
+    m.mem_idx, m.mem_t = torch.arange(12), torch.zeros(12, dtype=torch.long)
+    m.mem_label = torch.tensor([-1, 0, -1, 0, -1, 0, -1, 0, -1, -1, -1, -1])
+    m.seen_rows = 500
+    ctx = SimpleNamespace(task=2, rng=torch.Generator().manual_seed(0), scenario=None)
+    m.train_part = scenarios.TaskData(torch.arange(100, 102), torch.full((2,), 2))
+    m.build_buffer(ctx)
+    # 12 // 2 = 6 per label: label -1 keeps its first six slots (0, 2, 4, 6, 8, 9), label 0 its four (1, 3, 5, 7);
+    # the reservoir count restarts at 10, so the task's two rows fill the two free slots, labelled 1
+    assert m.mem_idx.tolist() == [0, 2, 4, 6, 8, 9, 1, 3, 5, 7, 100, 101] or \
+        m.mem_idx.tolist() == [0, 2, 4, 6, 8, 9, 1, 3, 5, 7, 101, 100]
+    assert m.mem_label.tolist() == [-1] * 6 + [0] * 4 + [1, 1] and m.seen_rows == 12
+    assert m.mem_t[-2:].tolist() == [2, 2]

@@ -122,3 +122,42 @@ def digits():
 @pytest.mark.parametrize("name", ["lucir", "podnet"])
 def test_beats_finetuning_on_split_digits_class_il(digits, name):
     assert digits[name] >= digits["finetune"] + 0.4, digits
+
+
+def test_the_mammoth_diagnostic_of_lucir_switches_on_its_four_departures(monkeypatch):
+    """benchmarks/lucir_mammoth.py (the docs' explanation of the gap to Mammoth) does what its docstring says: λ =
+    λ_base sqrt(t - 1), finetuning after every task that moves only the current task's rows (and σ), the lr /10
+    from its tenth step."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import lucir_mammoth
+
+    seen: dict[str, list] = {"lam": [], "changed": [], "lr": []}
+
+    class Probe(lucir_mammoth.MammothLUCIR):
+        def begin_task(self, ctx):
+            super().begin_task(ctx)
+            seen["lam"].append(self.lam)
+
+        def after_update(self, ctx, batch, out):
+            super().after_update(ctx, batch, out)
+            if self._finetuning and ctx.task == 0:
+                seen["lr"].append(ctx.optimizer.param_groups[0]["lr"])
+
+        def end_task(self, ctx):
+            before = ctx.model.head.weight.detach().clone()
+            sigma = ctx.model.head.sigma.item()
+            super().end_task(ctx)
+            rows = (ctx.model.head.weight.detach() != before).any(1)
+            seen["changed"].append((rows.nonzero().flatten().tolist(), ctx.model.head.sigma.item() != sigma))
+
+    run = {"benchmark": "split-digits", "mode": "class", "seed": 0, "optimizer": "sgd", "lr": 0.1,
+           "all_outputs": True, "batch_size": 10}
+    result = retain.run(method=Probe(buffer_size=40, ft_epochs=4), **run)  # 16 finetuning steps a task
+    assert seen["lam"] == pytest.approx([0.0, 0.0, 5.0, 5 * math.sqrt(2), 5 * math.sqrt(3)])
+    task_out = [[2 * t, 2 * t + 1] for t in range(5)]  # split-digits: classes 0-1, 2-3, ... in order
+    assert [c for c, _ in seen["changed"]] == task_out  # only the current task's rows move, the first task too
+    assert all(s for _, s in seen["changed"])  # and σ
+    assert seen["lr"] == pytest.approx([0.01] * 9 + [0.001] * 7)
+    assert result.metrics["acc"] > 0.5
