@@ -1,9 +1,9 @@
-"""Diagnostic: retain's ``lucir`` with Mammoth's four departures from the paper switched on.
+"""Diagnostic: retain's ``lucir`` with Mammoth's five departures from the paper switched on.
 
 Not a method for experiments (it is not registered): it exists to explain the difference between retain's
 ``lucir`` and Mammoth's ``models/lucir.py`` (commit ``e75a491c``) on Split-MNIST, by running retain's code with what
 Mammoth does differently and nothing else. Read with docs/class-incremental.md, "Checked against the reference
-code". The four departures, each read in Mammoth's file:
+code". The five departures, each read in Mammoth's files:
 
 1. λ of the less-forget term: Mammoth sets it in ``end_task`` to ``sqrt(current_task) · lamda_base`` *after* the
    task, so the task with index t (0-based) trains with λ_base · sqrt(t − 1): 0 at the second task, then 5, 5√2,
@@ -14,6 +14,8 @@ code". The four departures, each read in Mammoth's file:
    and σ have ``requires_grad`` (the other tasks' are frozen), so the old classes are not rebalanced.
 4. Its learning rate: ``MultiStepLR(milestones=[10])`` stepped after every *batch*, so lr_finetune / 10 from the
    eleventh step on (the paper and retain divide at half of the epochs).
+5. The exemplars: ``utils.buffer.fill_buffer`` (called with ``normalize_features`` off) herds on the features as
+   they are; iCaRL's herding, the paper's and retain's, on L2-normalised features.
 
 Run as a plugin (from the repository root)::
 
@@ -40,7 +42,7 @@ from retain.scenarios import Batch
 
 @dataclass
 class MammothLUCIR(LUCIR):
-    """retain's LUCIR with Mammoth's λ schedule, hard negatives, finetuning and its per-step lr decay."""
+    """retain's LUCIR with Mammoth's λ schedule, hard negatives, finetuning, its per-step lr decay and herding."""
 
     decay_step: int = 10  # Mammoth's ft_lr_strat = [10], counted in steps
 
@@ -71,7 +73,7 @@ class MammothLUCIR(LUCIR):
 
     def end_task(self, ctx: Any) -> None:
         self._feats = None
-        self.exemplars.select(ctx)
+        self.exemplars.select(ctx, normalize=False)  # departure 5
         if self.ft_epochs <= 0:
             return
         head = ctx.model.head

@@ -337,10 +337,12 @@ def _last_write(slots: Tensor, src: Tensor, n_slots: int) -> tuple[Tensor, Tenso
 
 # ------------------------------------------------------------------------------------------------ selection
 
-def herding(features: Tensor, m: int) -> Tensor:
+def herding(features: Tensor, m: int, normalize: bool = True) -> Tensor:
     """iCaRL's herding: indices of ``m`` rows, in order of choice, each minimising the distance between the class
-    mean and the mean of the rows chosen so far (features L2-normalised as in iCaRL; no row chosen twice)."""
-    f = torch.nn.functional.normalize(features.flatten(1).float(), dim=1)
+    mean and the mean of the rows chosen so far (features L2-normalised as in iCaRL unless ``normalize`` is False,
+    as Mammoth's ``fill_buffer`` by default; no row chosen twice)."""
+    f = features.flatten(1).float()
+    f = torch.nn.functional.normalize(f, dim=1) if normalize else f
     mu = f.mean(0)
     chosen = torch.empty(m, dtype=torch.long, device=f.device)
     taken = torch.zeros(len(f), dtype=torch.bool, device=f.device)
@@ -419,8 +421,9 @@ class Exemplars:
         return {c: base + (self.remainder and i < extra) for i, c in enumerate(classes)}
 
     @torch.no_grad()
-    def select(self, ctx: Any, how: str = "herding") -> None:
-        """Choose the current task's classes' rows and shrink every class to its share."""
+    def select(self, ctx: Any, how: str = "herding", normalize: bool = True) -> None:
+        """Choose the current task's classes' rows and shrink every class to its share (``normalize``: herding on
+        L2-normalised features, iCaRL's; False: on the features as they are)."""
         if how not in ("herding", "random"):
             raise ConfigError(f"exemplar selection must be herding or random, got {how!r}")
         sc = ctx.scenario
@@ -433,7 +436,7 @@ class Exemplars:
             rows = (y == c).nonzero().flatten()
             m = min(share[c], len(rows))
             if feats is not None:
-                order = herding(feats[rows], m)
+                order = herding(feats[rows], m, normalize)
             else:
                 order = torch.randperm(len(rows), generator=ctx.rng)[:m]
             self.idx[c] = data.idx[rows[order.to(rows.device)]]

@@ -117,6 +117,9 @@ def test_herding_follows_the_running_mean_on_a_hand_made_case():
     assert herding(f, 3).tolist() == [2, 1, 0]
     assert herding(f * torch.tensor([[3.0], [0.5], [2.0]]), 3).tolist() == [2, 1, 0]  # features L2-normalised
     assert herding(f, 1).tolist() == [2]
+    # on the scaled rows as they are (Mammoth's fill_buffer): a' (3, 0), b' (0, 0.5), c' (1.6, 1.2), mean (1.533,
+    # 0.567). c' is nearest (0.405); then (c' + a') / 2 = (2.3, 0.6) is 0.589 from the mean, (c' + b') / 2 0.618
+    assert herding(f * torch.tensor([[3.0], [0.5], [2.0]]), 3, normalize=False).tolist() == [2, 0, 1]
 
 
 def test_kcenter_picks_the_farthest_point_each_time():
