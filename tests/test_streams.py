@@ -43,6 +43,33 @@ def _digits():
     return resolve(benchmark="split-digits", mode="class").build_scenario()
 
 
+@pytest.mark.parametrize("method", ["er", "scr"])
+def test_the_task_free_stream_trains_as_the_task_loop_given_the_same_batches(monkeypatch, method):
+    """--online and --epochs 1 differ only in the order of the rows: fed the task loop's batches (Context.batches'
+    order, task by task), the stream gives the same accuracy matrix to the last digit, so a difference between the
+    two paths' numbers is the draw of the order and nothing else (SCR's check against its authors, docs/online.md)."""
+    from retain import scenarios
+
+    seed = 1
+
+    def task_loop_order(self, batch_size, generator, blurry=0.0, passes=1):
+        for k in range(self.n_tasks):
+            data = self.task_data(k)
+            perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 1_000_003 + k * 7919))
+            for b in range(0, len(data), batch_size):
+                sel = perm[b:b + batch_size]
+                yield data.idx[sel], data.t[sel], k + (b + batch_size >= len(data))
+
+    params = {"buffer_size": 50} | ({"review": False} if method == "scr" else {})
+    run = dict(benchmark="split-digits", mode="class", method=method, optimizer="sgd", lr=0.1, seed=seed,
+               params=params, train_per_class=40)
+    tasks = retain.run(epochs=1, batch_size=10, **run)
+    monkeypatch.setattr(scenarios.Scenario, "stream", task_loop_order)
+    stream = retain.run(online=True, **run)
+    assert stream.config["task_free"] and not tasks.config["task_free"]
+    assert stream.accuracy_matrix == tasks.accuracy_matrix
+
+
 def test_si_blurry_statistics_come_from_the_seed():
     base = _digits()
     sc = si_blurry(base, disjoint=50, blurred=10, seed=3)
