@@ -183,11 +183,12 @@ class LUCIR(Method):
     Deviations: evaluation uses the cosine classifier (the paper also reports NME); the backbone is retain's as
     it is: its embedding keeps the last ReLU the authors' modified ResNet removes (Mammoth's MLP keeps it too).
     Class-IL only (the method is about one classifier over all classes). Mammoth differs from the paper in
-    four places this follows the paper in: its λ at task t is λ_base · sqrt(t − 1) (an off-by-one: 0 at the
+    five places this follows the paper in: its λ at task t is λ_base · sqrt(t − 1) (an off-by-one: 0 at the
     second task), its hard negatives include the future tasks' (untrained) columns, its finetuning trains
-    the current task's weights and sigma only, also after the first task, and that finetuning's learning rate
-    drops /10 after 10 steps, not 10 epochs (a ``MultiStepLR`` stepped per batch).
-    ``benchmarks/lucir_mammoth.py`` runs this class with all four, to compare with Mammoth's numbers.
+    the current task's weights and sigma only, also after the first task, that finetuning's learning rate
+    drops /10 after 10 steps, not 10 epochs (a ``MultiStepLR`` stepped per batch), and its herding runs on
+    unnormalised features. ``benchmarks/lucir_mammoth.py`` runs this class with all five, to compare with
+    Mammoth's numbers (docs/class-incremental.md).
     """
 
     lambda_base: float = param(5.0, "less-forget weight λ_base (× sqrt(old classes / new classes))")
