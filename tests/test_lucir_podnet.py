@@ -161,3 +161,38 @@ def test_the_mammoth_diagnostic_of_lucir_switches_on_its_four_departures(monkeyp
     assert all(s for _, s in seen["changed"])  # and σ
     assert seen["lr"] == pytest.approx([0.01] * 9 + [0.001] * 7)
     assert result.metrics["acc"] > 0.5
+
+
+def test_the_pycil_diagnostic_of_podnet_finetunes_the_backbone_and_new_proxies_only(monkeypatch):
+    """benchmarks/podnet_pycil.py (the docs' explanation of the gap to PyCIL): with ft_train=pycil the finetuning
+    after a task moves the backbone, the new classes' proxies and η, never the old classes' proxies; ft_share=pycil
+    finetunes on memory // old classes rows per seen class; the switches at their defaults are retain's podnet."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import podnet_pycil
+
+    seen: list[dict] = []
+
+    class Probe(podnet_pycil.PyCILPODNet):
+        def _finetune(self, ctx, data):
+            m = ctx.model
+            before = {n: p.detach().clone() for n, p in m.named_parameters()}
+            super()._finetune(ctx, data)
+            moved = {n for n, p in m.named_parameters() if not torch.equal(p.detach(), before[n])}
+            rows = (m.head.weight.detach() != before["head.weight"]).any(1).nonzero().flatten().tolist()
+            seen.append({"task": ctx.task, "moved": moved, "rows": rows, "n": len(data)})
+
+    run = {"benchmark": "split-digits", "mode": "class", "seed": 0, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9,
+           "reset_optimizer": True, "batch_size": 10}
+    probe = Probe(buffer_size=40, K=2, ft_epochs=2, ft_lr=0.005, weight_decay=5e-4, ft_train="pycil",
+                  ft_cosine=True, ft_share="pycil")
+    retain.run(method=probe, **run)
+    assert [s["task"] for s in seen] == [1, 2, 3, 4]
+    first = seen[0]
+    assert any(n.startswith("features") for n in first["moved"]) and "head.sigma" in first["moved"]
+    assert first["rows"] == [4, 5, 6, 7]  # K = 2 proxies of classes 2 and 3 only
+    assert [s["n"] for s in seen] == [40 // 2 * 4, 40 // 4 * 6, 40 // 6 * 8, 40 // 8 * 10]
+    default = podnet_pycil.PyCILPODNet(buffer_size=40)
+    assert (default.ft_train, default.ft_share, default.ft_cosine, default.weight_decay) == ("retain", "retain",
+                                                                                             False, 0.0)
