@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from retain.methods.lucir import LUCIR, balanced_finetune, margin_ranking
+from retain.methods.lucir import LUCIR, balanced_finetune
 from retain.scenarios import Batch
 
 
@@ -51,17 +51,8 @@ class MammothLUCIR(LUCIR):
         if ctx.task > 0:
             self.lam = self.lambda_base * math.sqrt(ctx.task - 1)  # departure 1
 
-    def penalty(self, ctx: Any, batch: Batch, out: torch.Tensor) -> torch.Tensor | None:
-        if self.old is None or self._feats is None:
-            return None
-        f, self._feats = self._feats, None
-        with torch.no_grad():
-            f_old = self.old.features(batch.x)
-        less_forget = (1 - torch.nn.functional.cosine_similarity(f.flatten(1), f_old.flatten(1), dim=1)).mean()
-        cos = ctx.model.head.cosine(f)
-        # departure 2: every column not of an earlier task is a candidate negative
-        ranking = margin_ranking(cos, batch.y, self.old_classes, ~self.old_classes, self.K, self.margin)
-        return self.lam * less_forget + self.lambda_mr * ranking
+    def negatives(self) -> torch.Tensor:
+        return ~self.old_classes  # departure 2: every column not of an earlier task is a candidate negative
 
     def after_update(self, ctx: Any, batch: Batch, out: torch.Tensor) -> None:
         super().after_update(ctx, batch, out)

@@ -42,6 +42,7 @@ import torch
 
 from retain.errors import ConfigError
 from retain.method import param
+from retain.methods.lucir import balanced_finetune
 from retain.methods.podnet import PODNet
 
 
@@ -58,7 +59,6 @@ class PyCILPODNet(PODNet):
         super().__post_init__()
         if self.ft_train not in ("retain", "pycil") or self.ft_share not in ("retain", "pycil"):
             raise ConfigError("podnet_pycil: ft_train and ft_share are retain or pycil")
-        self.ft_log: list[dict[str, Any]] = []
 
     def parameters(self, model: torch.nn.Module) -> Any:
         ps = [p for p in model.parameters() if p.requires_grad]
@@ -73,34 +73,12 @@ class PyCILPODNet(PODNet):
                 ctx.model.head.weight[self.fixed] = self.fixed_values
 
     def _finetune(self, ctx: Any, data: Any) -> None:
-        model, head = ctx.model, ctx.model.head
-        if self.ft_train == "pycil":
-            train = [p for p in model.parameters()]  # backbone, all proxies (old ones put back), sigma
-        else:
-            train = [head.weight]
-        grads = {p: p.requires_grad for p in model.parameters()}
-        keep = {id(p) for p in train}
-        for p in model.parameters():
-            p.requires_grad_(id(p) in keep)
-        saved = ctx.optimizer
-        ctx.optimizer = torch.optim.SGD(train, lr=self.ft_lr, momentum=ctx.config.momentum,
-                                        weight_decay=self.weight_decay)
-        per_epoch = math.ceil(len(data) / ctx.config.batch_size)
-        self._finetuning = True
-        try:
-            for i, batch in enumerate(ctx.batches(data, epochs=self.ft_epochs,
-                                                  seed=ctx.config.seed * 31 + ctx.task + 20_000)):
-                if self.ft_cosine and i % per_epoch == 0:
-                    e = i // per_epoch
-                    for g in ctx.optimizer.param_groups:
-                        g["lr"] = self.ft_lr * (1 + math.cos(math.pi * e / self.ft_epochs)) / 2
-                self.observe(ctx, batch)
-        finally:
-            self._finetuning = False
-            ctx.optimizer = saved
-            for p, g in grads.items():
-                p.requires_grad_(g)
-        self.ft_log.append({"task": ctx.task, "rows": len(data), "steps": per_epoch * self.ft_epochs})
+        model = ctx.model
+        # pycil: the backbone, all proxies (the old ones put back after each step) and sigma; retain: the proxies
+        train = list(model.parameters()) if self.ft_train == "pycil" else [model.head.weight]
+        cosine = (lambda e: self.ft_lr * (1 + math.cos(math.pi * e / self.ft_epochs)) / 2) if self.ft_cosine else None
+        balanced_finetune(self, ctx, train, self.ft_epochs, self.ft_lr, None, self.weight_decay, data=data,
+                          lr_at=cosine, freeze_bn=False)
 
     def end_task(self, ctx: Any) -> None:
         self._step = None

@@ -232,15 +232,12 @@ def test_the_mammoth_diagnostic_of_bic_keeps_mammoths_memory_and_split(monkeypat
     assert end1["size"] == 40 and len(end1["labels"]) == 2 and end1["labels"][1] > 0
 
 
-def test_the_mammoth_diagnostic_of_bic_shrinks_by_task_label():
-    import sys
+def test_the_mammoth_diagnostic_of_bic_shrinks_by_task_label(monkeypatch):
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        import bic_mammoth
-    finally:
-        sys.path.pop(0)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bic_mammoth
+
     m = bic_mammoth.MammothBiC(buffer_size=12)
     m.mem_idx, m.mem_t = torch.arange(12), torch.zeros(12, dtype=torch.long)
     m.mem_label = torch.tensor([-1, 0, -1, 0, -1, 0, -1, 0, -1, -1, -1, -1])

@@ -4,6 +4,7 @@ finetuning (Hou et al. 2019); the cosine head and the finetuning it shares with 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,18 +105,22 @@ def check_common(method: Method, who: str, non_negative: tuple[str, ...]) -> Non
 # ------------------------------------------------------------------------------------ the balanced finetuning
 
 def balanced_finetune(method: Method, ctx: Any, train: list[nn.Parameter], epochs: int, lr: float,
-                      decay_at: int | None, weight_decay: float | None = None) -> None:
+                      decay_at: int | None, weight_decay: float | None = None, data: TaskData | None = None,
+                      lr_at: Callable[[int], float] | None = None, freeze_bn: bool = True) -> None:
     """Train only ``train`` (the classifier's weights) on the exemplars of every seen class (a class-balanced
     set), with the method's own step and losses, the rest of the model frozen and batch-norm statistics kept as
     they are (Mammoth's ``bn_track_stats(False)``, the authors' ``fix_bn``): SGD with the run's momentum, the
-    learning rate divided by 10 from epoch ``decay_at`` (None: constant)."""
-    data = method.exemplars.data()
+    learning rate divided by 10 from epoch ``decay_at`` (None: constant).
+
+    ``data``: other rows than the method's exemplars; ``lr_at(epoch)``: the learning rate of each epoch, in place
+    of ``decay_at``'s step; ``freeze_bn=False`` lets batch norm update its statistics (PyCIL's finetuning)."""
+    data = method.exemplars.data() if data is None else data
     if len(data) == 0 or epochs <= 0:
         return
     model = ctx.model
     grads = {p: p.requires_grad for p in model.parameters()}
     keep = {id(p) for p in train}
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if freeze_bn else []
     tracking = [m.track_running_stats for m in norms]
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
@@ -128,7 +133,10 @@ def balanced_finetune(method: Method, ctx: Any, train: list[nn.Parameter], epoch
     method._finetuning = True
     try:
         for i, batch in enumerate(ctx.batches(data, epochs=epochs, seed=ctx.config.seed * 31 + ctx.task + 20_000)):
-            if decay_at is not None and i == decay_at * per_epoch:
+            if lr_at is not None and i % per_epoch == 0:
+                for g in ctx.optimizer.param_groups:
+                    g["lr"] = lr_at(i // per_epoch)
+            elif decay_at is not None and i == decay_at * per_epoch:
                 for g in ctx.optimizer.param_groups:
                     g["lr"] = lr * 0.1
             method.observe(ctx, batch)
@@ -273,8 +281,12 @@ class LUCIR(Method):
             f_old = self.old.features(batch.x)
         less_forget = (1 - F.cosine_similarity(f.flatten(1), f_old.flatten(1), dim=1)).mean()
         cos = ctx.model.head.cosine(f)
-        ranking = margin_ranking(cos, batch.y, self.old_classes, self.new_classes, self.K, self.margin)
+        ranking = margin_ranking(cos, batch.y, self.old_classes, self.negatives(), self.K, self.margin)
         return self.lam * less_forget + self.lambda_mr * ranking
+
+    def negatives(self) -> Tensor:
+        """Bool mask over the outputs: the candidates for the margin ranking's hard negatives (the new classes)."""
+        return self.new_classes
 
     def after_update(self, ctx: Any, batch: Batch, out: Tensor) -> None:
         if not self._finetuning and self.fixed is not None:
