@@ -86,7 +86,7 @@ class PyCILPODNet(PODNet):
             self.exemplars.select(ctx)
             return
         if self.ft_share == "pycil":
-            n_old = sum(1 for c in self.exemplars.idx)  # classes in memory before this task
+            n_old = len(self.exemplars.idx)  # classes in memory before this task
             share = self.buffer_size // n_old
             tmp = copy.deepcopy(self.exemplars)
             n_seen = n_old + int(ctx.scenario.task_out[ctx.task].sum())
